@@ -1,0 +1,95 @@
+"""`sparseformer bench`: attention presets against `jax.nn.dot_product_attention`, across lengths.
+
+Example:
+  sparseformer bench --quick --out=bench
+  sparseformer bench --presets=dense,local,rsa --lengths=1024,2048,4096,8192,16384 --out=bench_full
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+
+QUICK = {"lengths": (512, 1024, 2048), "repeats": 3, "rss": "largest"}
+"""What `--quick` changes (each still overridable by its own flag): under about two minutes on 2 CPU cores."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from sparseformer.bench.runner import RSS_MODES, BenchOptions
+
+    d = BenchOptions()
+    p = argparse.ArgumentParser(
+        prog="sparseformer bench",
+        description="Speed, memory, FLOPs and fidelity of attention presets against dense attention "
+        "(jax.nn.dot_product_attention), forward and forward+backward, across sequence lengths. "
+        "Writes OUT/bench.json, OUT/bench.md and OUT/bench.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--presets", default=",".join(d.presets), help="comma-separated; 'dense' is the jax.nn baseline")
+    p.add_argument("--lengths", default=None, help=f"comma-separated token counts (default {','.join(map(str, d.lengths))}; --quick: {','.join(map(str, QUICK['lengths']))})")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--causal", action="store_true", help="causal attention (default bidirectional)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=None, help=f"timed rounds (default {d.repeats}; --quick: {QUICK['repeats']})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed calls per case after compilation")
+    p.add_argument("--passes", default=",".join(d.passes), help="fwd, fwd_bwd")
+    p.add_argument("--rss", default=None, choices=RSS_MODES, help=f"which cases get a fresh-process peak-memory probe (default {d.rss}; --quick: {QUICK['rss']})")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the peaky/needle error measurement")
+    p.add_argument("--dense-impl", default=d.dense_impl, choices=["auto", "xla", "cudnn"], help="auto: cuDNN on a GPU for 16-bit inputs")
+    p.add_argument("--quick", action="store_true", help="small lengths and fewer rounds: under about two minutes on this CPU")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> "BenchOptions":  # noqa: F821 (imported lazily)
+    """Flags -> BenchOptions, applying `--quick` defaults to what was not given explicitly."""
+    from sparseformer.bench.runner import BenchOptions, parse_csv
+
+    d = BenchOptions()
+    quick = QUICK if args.quick else {}
+    return BenchOptions(
+        presets=parse_csv(args.presets),
+        lengths=parse_csv(args.lengths, int) if args.lengths else quick.get("lengths", d.lengths),
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        causal=args.causal,
+        dtype=args.dtype,
+        repeats=args.repeats if args.repeats is not None else quick.get("repeats", d.repeats),
+        warmup=args.warmup,
+        passes=parse_csv(args.passes),
+        rss=args.rss or quick.get("rss", d.rss),
+        fidelity=not args.no_fidelity,
+        dense_impl=args.dense_impl,
+    )
+
+
+def bench_main(argv: list[str]) -> int:
+    """Parse flags, run the benchmark, write the three files; 1 if any case failed, 2 on bad flags."""
+    args = _parser().parse_args(argv)
+    from sparseformer.bench import methods, report, runner
+
+    options = options_from_args(args)
+    try:
+        runner.validate_options(options, methods.known_names())
+    except ValueError as e:
+        print(f"sparseformer bench: {e}", file=sys.stderr)
+        return 2
+    bench = runner.run(options)
+    command = "sparseformer bench " + " ".join(shlex.quote(a) for a in argv)
+    paths = report.write(bench, args.out, command=command)
+    print(report.markdown(bench, command=command))
+    print("wrote " + ", ".join(paths.values()))
+    failed = [r for r in bench["results"] if r.get("error")]
+    for r in failed:
+        print(f"error: {r['preset']} at {r['length']} ({r['pass']}): {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def options_dict(argv: list[str]) -> dict:
+    """The options `argv` resolves to, as a dict (for tests and logs)."""
+    return dataclasses.asdict(options_from_args(_parser().parse_args(argv)))

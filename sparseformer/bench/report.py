@@ -1,0 +1,224 @@
+"""Turn a run's results into `bench.json`, `bench.md` and `bench.png`.
+
+Every ratio is to dense attention at the same length and pass *from the same run*: the time ratio is
+`dense time / method time` (a speed-up), the memory ratios are `method / dense` (a fraction).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+BASELINE = "dense"
+Record = dict[str, Any]
+
+
+def add_ratios(results: list[Record]) -> None:
+    """Add `speedup_vs_dense`, `compiled_vs_dense` and `peak_rss_vs_dense` from this run's dense rows."""
+    dense = {(r["length"], r["pass"]): r for r in results if r["preset"] == BASELINE}
+    for r in results:
+        d = dense.get((r["length"], r["pass"]))
+        r["speedup_vs_dense"] = _ratio(d and d["median_ms"], r["median_ms"])
+        r["compiled_vs_dense"] = _ratio(r["compiled_bytes"], d and d["compiled_bytes"])
+        r["peak_rss_vs_dense"] = _ratio(r["peak_rss_bytes"], d and d["peak_rss_bytes"])
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def _find(results: list[Record], preset: str, length: int, pass_name: str) -> Record | None:
+    return next((r for r in results if (r["preset"], r["length"], r["pass"]) == (preset, length, pass_name)), None)
+
+
+# --- the issue's targets, checked on the run's own numbers ---------------------------------------
+
+
+def _target_rows(results: list[Record]) -> Iterable[tuple[str, float | None, str, bool | None]]:
+    """(claim, measured, target, met) for the numbers the project aims at (fwd_bwd, rsa vs dense)."""
+
+    def get(preset: str, length: int, key: str) -> float | None:
+        r = _find(results, preset, length, "fwd_bwd")
+        return None if r is None else r.get(key)
+
+    def row(claim: str, value: float | None, target: str, ok: Callable[[float], bool]):  # noqa: ANN202
+        return claim, value, target, None if value is None else bool(ok(value))
+
+    yield row("rsa speed-up vs dense at 8192", get("rsa", 8192, "speedup_vs_dense"), ">= 12", lambda x: x >= 12)
+    yield row("rsa compiled memory / dense at 8192", get("rsa", 8192, "compiled_vs_dense"), "<= 1/16 (0.0625)", lambda x: x <= 1 / 16)
+    t16, t8 = get("rsa", 16384, "median_ms"), get("rsa", 8192, "median_ms")
+    yield row("rsa time(16384) / time(8192)", _ratio(t16, t8), "<= 2.3", lambda x: x <= 2.3)
+    longest = max((r["length"] for r in results if r["preset"] == BASELINE and r["pass"] == "fwd_bwd" and r["median_ms"]), default=None)
+    if longest is not None:
+        frac = _ratio(get("rsa", longest, "exact_flops_per_s"), get(BASELINE, longest, "flops_per_s"))
+        yield row(f"rsa exact-part FLOP/s / dense FLOP/s at {longest}", frac, ">= 0.5", lambda x: x >= 0.5)
+    err_len = max((r["length"] for r in results if r["preset"] == "rsa" and r.get("error_needle") is not None), default=None)
+    if err_len is not None:
+        rsa_err = get("rsa", err_len, "error_needle")
+        yield row(f"rsa needle error at {err_len}", rsa_err, "<= 0.1", lambda x: x <= 0.1)
+        for other in ("bigbird", "performer", "nsa"):
+            e = get(other, err_len, "error_needle")
+            if e is not None and rsa_err is not None:
+                yield row(f"{other} needle error at {err_len} (rsa {rsa_err:.3f})", e, "> rsa", lambda x: x > rsa_err)
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+
+def _mb(x: float | None) -> str:
+    return "" if x is None else f"{x / 2**20:,.1f}"
+
+
+def _cell_time(r: Record | None) -> str:
+    if r is None:
+        return ""
+    if r.get("error"):
+        return "error"
+    if r["median_ms"] is None:
+        return "skipped" if r.get("skipped") else ""
+    ratio = "" if r["preset"] == BASELINE or r["speedup_vs_dense"] is None else f" ({r['speedup_vs_dense']:.1f}x)"
+    return f"{r['median_ms']:,.1f}{ratio}"
+
+
+def _cell_mem(key: str, ratio_key: str) -> Callable[[Record | None], str]:
+    def cell(r: Record | None) -> str:
+        if r is None or r.get(key) is None:
+            return "skipped" if r is not None and r.get("skipped") and key == "peak_rss_bytes" else ""
+        ratio = "" if r["preset"] == BASELINE or r.get(ratio_key) is None else f" ({r[ratio_key]:.3f})"
+        return _mb(r[key]) + ratio
+
+    return cell
+
+
+def _cell_flops(r: Record | None) -> str:
+    if r is None or r.get("flops_per_s") is None:
+        return ""
+    if r["preset"] == BASELINE or r["flops_exact"] == r["flops"]:
+        return f"{r['flops_per_s'] / 1e9:.1f}"
+    return f"{r['flops_per_s'] / 1e9:.1f} / {r['exact_flops_per_s'] / 1e9:.1f}"
+
+
+def _cell_error(r: Record | None) -> str:
+    if r is None or (r.get("error_peaky") is None and r.get("error_needle") is None):
+        return ""
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    return f"{fmt(r.get('error_peaky'))} / {fmt(r.get('error_needle'))}"
+
+
+def _table(results: list[Record], pass_name: str, cell: Callable[[Record | None], str]) -> list[str]:
+    presets = list(dict.fromkeys(r["preset"] for r in results))
+    lengths = sorted({r["length"] for r in results})
+    lines = ["| preset | " + " | ".join(str(n) for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
+    for p in presets:
+        lines.append(f"| {p} | " + " | ".join(cell(_find(results, p, n, pass_name)) for n in lengths) + " |")
+    return lines
+
+
+PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward (gradients w.r.t. q, k, v)"}
+SECTIONS: list[tuple[str, Callable[[Record | None], str]]] = [
+    ("Median time, ms (speed-up vs dense)", _cell_time),
+    ("XLA compiled memory, temp + output, MB (fraction of dense)", _cell_mem("compiled_bytes", "compiled_vs_dense")),
+    ("Peak RSS growth of a fresh process running the case, MB (fraction of dense)", _cell_mem("peak_rss_bytes", "peak_rss_vs_dense")),
+    ("Achieved GFLOP/s: all counted FLOPs / the exactly computed pairs' FLOPs", _cell_flops),
+]
+
+
+def markdown(bench: dict[str, Any], *, command: str | None = None) -> str:
+    """The Markdown report: per pass, one table per quantity (rows presets, columns lengths)."""
+    results, m, o = bench["results"], bench["machine"], bench.get("options", {})
+    lines = ["# Attention benchmark", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_bytes', 0) / 2**30:.0f} GiB; "
+        f"backend {m.get('backend')} ({m.get('device_kind')}); jax {bench.get('jax')}; commit {m.get('git_commit')}.",
+        f"Shape: B={o.get('batch')}, H={o.get('heads')}, D={o.get('head_dim')}, {o.get('dtype')}, "
+        f"{'causal' if o.get('causal') else 'bidirectional'}; median of {o.get('repeats')} interleaved rounds "
+        f"after {o.get('warmup')} warm-up call(s). Ratios are to dense from this same run.",
+        "",
+    ]
+    for pass_name in [p for p in PASS_TITLES if any(r["pass"] == p for r in results)]:
+        lines += [f"## {PASS_TITLES[pass_name]}", ""]
+        for title, cell in SECTIONS:
+            lines += [f"### {title}", "", *_table(results, pass_name, cell), ""]
+    lines += [
+        "## Fidelity: relative error vs exact float32 attention, peaky / needle inputs (forward output)", "",
+        *_table(results, "fwd", _cell_error), "",
+    ]  # fmt: skip
+    targets = list(_target_rows(results)) if any(r["preset"] == "rsa" for r in results) else []
+    if targets:
+        lines += ["## Targets (forward + backward)", "", "| claim | measured | target | met |", "| --- | ---: | --- | --- |"]
+        for claim, value, target, met in targets:
+            shown = "n/a" if value is None else f"{value:.3g}"
+            lines.append(f"| {claim} | {shown} | {target} | {'n/a' if met is None else ('yes' if met else 'NO')} |")
+        lines.append("")
+    notes = sorted({f"{r['preset']} at {r['length']} ({r['pass']}): {r['skipped'] or r['error']}" for r in results if r.get("skipped") or r.get("error")})
+    if notes:
+        lines += ["## Skipped or failed cases", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(lines)
+
+
+# --- the plot -------------------------------------------------------------------------------------
+
+
+def plot(bench: dict[str, Any], path: str) -> None:
+    """Two log-log panels (time, compiled memory against length), one colour per preset;
+    forward+backward solid, forward dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = bench["results"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    presets = list(dict.fromkeys(r["preset"] for r in results))
+    colors = plt.get_cmap("tab10")
+    for i, p in enumerate(presets):
+        for pass_name, style in (("fwd_bwd", "-o"), ("fwd", "--")):
+            rows = sorted((r for r in results if r["preset"] == p and r["pass"] == pass_name), key=lambda r: r["length"])
+            t = [(r["length"], r["median_ms"]) for r in rows if r["median_ms"]]
+            mem = [(r["length"], r["compiled_bytes"] / 2**20) for r in rows if r["compiled_bytes"]]
+            label = p if pass_name == "fwd_bwd" else None
+            for ax, pts in ((ax_t, t), (ax_m, mem)):
+                if pts:
+                    ax.plot(*zip(*pts), style, color=colors(i % 10), label=label, ms=4, lw=1.5 if pass_name == "fwd_bwd" else 1)
+    for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "XLA compiled memory, temp + output (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_title("time (solid: fwd+bwd, dashed: fwd)")
+    ax_m.set_title("compiled memory (skipped runs still shown)")
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write(bench: dict[str, Any], out_dir: str, *, command: str | None = None) -> dict[str, str]:
+    """Write `bench.json`, `bench.md` and `bench.png` under `out_dir`; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    add_ratios(bench["results"])
+    if command:
+        bench["command"] = command
+    paths = {ext: os.path.join(out_dir, f"bench.{ext}") for ext in ("json", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(_json_safe(bench), f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(bench, command=command))
+    plot(bench, paths["png"])
+    return paths

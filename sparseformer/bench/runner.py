@@ -1,0 +1,276 @@
+"""The benchmark run: every (method, length, pass) compiled once, timed interleaved, checked for fidelity.
+
+For each length: build every method, compile both passes (recording XLA's compiled memory), decide
+which cases fit, warm each case up, then time `repeats` rounds in which every case runs once, in an
+order rotated from round to round so that machine drift hits all methods alike; the median of the
+rounds is the case's time. Fidelity is measured on the forward pass already compiled, against exact
+float32 attention on the `peaky` and `needle` inputs. The fresh-process peak-memory probes run last,
+one subprocess per case, so that they disturb no timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparseformer.bench import inputs, measure, methods
+
+RSS_MODES = ("all", "largest", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """Everything that defines a benchmark run (the CLI flags)."""
+
+    presets: tuple[str, ...] = ("dense", "local", "bigbird", "performer", "scatterbrain", "nsa", "rsa")
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 64
+    causal: bool = False
+    dtype: str = "float32"
+    repeats: int = 5
+    warmup: int = 1
+    passes: tuple[str, ...] = ("fwd", "fwd_bwd")
+    rss: str = "all"  # which cases get a fresh-process peak-memory probe: all, largest length, none
+    fidelity: bool = True
+    dense_impl: str = "auto"  # auto (cuDNN on a GPU for 16-bit inputs), xla, cudnn
+
+    def shape(self, length: int) -> methods.Shape:
+        return methods.Shape(self.batch, length, self.heads, self.head_dim, self.causal, self.dtype)
+
+
+@dataclasses.dataclass
+class Case:
+    """One (method, length, pass) with its executable while its length is being measured."""
+
+    record: dict[str, Any]
+    method: methods.Method | None = None
+    compiled: Any = None
+    args: tuple = ()
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def runnable(self) -> bool:
+        return self.compiled is not None and not self.record.get("skipped")
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return str(jaxlib.__version__)
+    except (ImportError, AttributeError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import psutil
+
+    device = jax.devices()[0]
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_bytes": int(psutil.virtual_memory().total),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _base_record(name: str, length: int, pass_name: str, o: BenchOptions) -> dict[str, Any]:
+    return {
+        "preset": name, "length": length, "pass": pass_name, "median_ms": None, "times_ms": [],
+        "compiled_bytes": None, "temp_bytes": None, "output_bytes": None, "argument_bytes": None,
+        "peak_rss_bytes": None, "flops": None, "flops_exact": None, "flops_per_s": None,
+        "exact_flops_per_s": None, "exact_pairs_per_query": None, "error_peaky": None, "error_needle": None,
+        "compile_s": None, "implementation": None, "skipped": None, "error": None,
+        "dtype": o.dtype, "causal": o.causal, "batch": o.batch, "heads": o.heads, "head_dim": o.head_dim,
+    }  # fmt: skip
+
+
+def _build_cases(o: BenchOptions, length: int, progress: Any) -> list[Case]:
+    """Build and compile every (method, pass) at one length; decide which fit."""
+    shape = o.shape(length)
+    q, k, v = (jnp.asarray(x, o.dtype) for x in inputs.random_qkv(o.batch, length, o.heads, o.head_dim))
+    available = measure.available_memory_bytes()
+    cases: list[Case] = []
+    for name in o.presets:
+        records = {p: _base_record(name, length, p, o) for p in o.passes}
+        method = None
+        try:
+            method = methods.build(name, shape, dense_impl=o.dense_impl)
+        except methods.SkipCase as e:
+            for r in records.values():
+                r["skipped"] = f"cannot run: {e}"
+        except Exception as e:  # noqa: BLE001 (one broken method must not end a long run)
+            for r in records.values():
+                r["error"] = f"{type(e).__name__}: {e}"
+        for pass_name, rec in records.items():
+            case = Case(rec, method)
+            cases.append(case)
+            progress.set_description(f"{length} {name} {pass_name}: compile")
+            progress.update(1)
+            if method is None:
+                continue
+            total, exact = methods.pass_flops(method, pass_name)
+            rec.update(flops=total, flops_exact=exact, implementation=method.implementation)
+            rec["exact_pairs_per_query"] = method.flops["exact"] / (4 * o.batch * o.heads * length * o.head_dim)
+            try:
+                case.args = measure.case_arguments(method, pass_name, q, k, v)
+                case.compiled, memory, rec["compile_s"] = measure.compile_pass(method, pass_name, case.args)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"compile failed: {type(e).__name__}: {e}"
+                continue
+            rec.update(memory)
+            rec["skipped"] = measure.fits(memory, available)
+    return cases
+
+
+def _time_cases(cases: list[Case], o: BenchOptions, length: int, progress: Any) -> None:
+    """Warm up, then `repeats` rounds, every case once per round, order rotated each round."""
+    runnable = [c for c in cases if c.runnable]
+    for c in runnable:
+        progress.set_description(f"{length} {c.record['preset']} {c.record['pass']}: warm-up")
+        for _ in range(o.warmup):
+            measure.run_blocked(c.compiled, c.args)
+        progress.update(1)
+    for r in range(o.repeats):
+        progress.set_description(f"{length}: round {r + 1}/{o.repeats}")
+        shift = r % max(1, len(runnable))
+        for c in runnable[shift:] + runnable[:shift]:
+            c.times.append(measure.run_blocked(c.compiled, c.args))
+        progress.update(1)
+    for c in runnable:
+        rec = c.record
+        median_s = statistics.median(c.times)
+        rec["times_ms"] = [round(t * 1e3, 3) for t in c.times]
+        rec["median_ms"] = median_s * 1e3
+        rec["flops_per_s"] = rec["flops"] / median_s
+        rec["exact_flops_per_s"] = rec["flops_exact"] / median_s
+
+
+def _fidelity(cases: list[Case], o: BenchOptions, length: int, progress: Any) -> None:
+    """Relative error of every runnable forward pass against exact float32 attention, per input kind."""
+    fwd = [c for c in cases if c.runnable and c.record["pass"] == "fwd"]
+    for kind, make in inputs.INPUT_KINDS.items():
+        progress.set_description(f"{length}: fidelity reference ({kind})")
+        q, k, v = make(o.batch, length, o.heads, o.head_dim, causal=o.causal)
+        ref = measure.reference_attention(q, k, v, causal=o.causal)
+        qd, kd, vd = (jnp.asarray(x, o.dtype) for x in (q, k, v))
+        for c in fwd:
+            out = c.compiled(qd, kd, vd, *c.args[3:])
+            err = measure.relative_error(np.asarray(out, np.float32), ref)
+            for other in cases:  # both passes of a method share its fidelity
+                if other.record["preset"] == c.record["preset"]:
+                    other.record[f"error_{kind}"] = err
+        progress.update(1)
+
+
+def _probe_rss(records: list[dict[str, Any]], o: BenchOptions, progress: Any) -> None:
+    """Fresh-process peak memory for the chosen cases (see `measure.probe_fresh_process`)."""
+    if o.rss == "none":
+        return
+    largest = max(o.lengths)
+    for rec in records:
+        if rec["median_ms"] is None or (o.rss == "largest" and rec["length"] != largest):
+            continue
+        progress.set_description(f"{rec['length']} {rec['preset']} {rec['pass']}: peak memory (fresh process)")
+        report = measure.probe_fresh_process(rec["preset"], o.shape(rec["length"]), rec["pass"], dense_impl=o.dense_impl)
+        rec["peak_rss_bytes"] = report.get("peak_rss_bytes")
+        if report.get("peak_device_bytes") is not None:
+            rec["peak_device_bytes"] = report["peak_device_bytes"]
+        if "error" in report:
+            rec["peak_rss_error"] = report["error"]
+        progress.update(1)
+
+
+def count_steps(o: BenchOptions) -> int:
+    """Progress-bar steps: compiles, warm-ups (upper bound), rounds, fidelity kinds and probes per length."""
+    n_cases = len(o.presets) * len(o.passes)
+    per_length = 2 * n_cases + o.repeats + (len(inputs.INPUT_KINDS) if o.fidelity else 0)
+    probes = {"all": n_cases * len(o.lengths), "largest": n_cases, "none": 0}[o.rss]
+    return per_length * len(o.lengths) + probes
+
+
+def run(o: BenchOptions, *, progress: Any = None) -> dict[str, Any]:
+    """Run the benchmark; returns the `bench.json` object."""
+    if progress is None:
+        from tqdm import tqdm
+
+        progress = tqdm(total=count_steps(o), unit="step", dynamic_ncols=True)
+    records: list[dict[str, Any]] = []
+    for length in o.lengths:
+        cases = _build_cases(o, length, progress)
+        _time_cases(cases, o, length, progress)
+        progress.update(len([c for c in cases if not c.runnable]))  # the warm-ups they did not need
+        if o.fidelity:
+            _fidelity(cases, o, length, progress)
+        records += [c.record for c in cases]
+        del cases
+    _probe_rss(records, o, progress)
+    progress.close()
+    return {
+        "machine": machine_info(),
+        "jax": jax.__version__,
+        "jaxlib": _jaxlib_version(),
+        "options": dataclasses.asdict(o),
+        "results": records,
+    }
+
+
+def parse_csv(text: str, cast: type = str) -> tuple[Any, ...]:
+    """`"a,b,c"` -> `("a", "b", "c")` (blank items dropped)."""
+    return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+
+
+def validate_options(o: BenchOptions, known: Sequence[str]) -> None:
+    """Refuse unknown presets, passes, dtypes and modes before anything is compiled."""
+    unknown = [p for p in o.presets if p not in known]
+    if unknown:
+        raise ValueError(f"--presets: unknown {unknown}; known: {', '.join(known)}")
+    bad = [p for p in o.passes if p not in methods.PASSES]
+    if bad:
+        raise ValueError(f"--passes: unknown {bad}; known: {', '.join(methods.PASSES)}")
+    if o.rss not in RSS_MODES:
+        raise ValueError(f"--rss: {o.rss!r}; allowed: {', '.join(RSS_MODES)}")
+    if o.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype: {o.dtype!r}; allowed: float32, bfloat16, float16")
+    if o.repeats < 1 or not o.lengths:
+        raise ValueError("--repeats must be >= 1 and --lengths non-empty")
