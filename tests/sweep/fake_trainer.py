@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "calls.jsonl", "a") as f:
         f.write(json.dumps(argv) + "\n")
-    _, arg = flags["config"].split(":", 1)
+    config_path, arg = flags["config"].split(":", 1)
     arg_dict = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
     mode = flags.get("config.fake.mode", "ok")
     resumed = (workdir / "checkpoints").is_dir()
@@ -30,9 +30,9 @@ def main(argv: list[str]) -> int:
         (workdir / "checkpoints" / "step_5").mkdir(parents=True, exist_ok=True)
         return 1
     seed = int(arg_dict.get("seed", 0))
-    metrics = {"task": "fake", "attention": arg_dict.get("attention", "base"), "seed": seed,
+    metrics = {"task": Path(config_path).stem, "attention": arg_dict.get("attention", "base"), "seed": seed,
                "scale": "tiny", "max_len": 64, "accuracy": 0.5 + 0.1 * seed, "fidelity": 0.01,
-               "steps_per_second": 10.0 + seed, "peak_memory_bytes": 1000, "num_params": 1,
+               "steps_per_second": 10.0 + seed + len(flags), "peak_memory_bytes": 1000, "num_params": 1,
                "final_loss": 1.0, "num_train_steps": 1, "resumed": resumed}
     (workdir / "metrics.json").write_text(json.dumps(metrics))
     return 0

@@ -113,7 +113,7 @@ def test_parallel_runs_overlap(tmp_path):
     summary = launch.run_local(runs, tmp_path / "w", command_fn=launch.TrainerCommand((sys.executable, str(slow))),
                                parallel=4, progress=False)
     assert summary.ok and len(summary.names(Status.DONE)) == 4
-    assert time.monotonic() - start < 1.9
+    assert time.monotonic() - start < 2.0  # one at a time, the sleeps alone take 2 s
 
 
 def test_submitit_local_job_array(tmp_path):
