@@ -1,0 +1,197 @@
+"""`attend`: selection, compression and correction composed into one attention call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sparseformer.attention.compression import _expand_blocks, _row_key_mask
+from sparseformer.attention.config import block_multiple, validate
+from sparseformer.attention.correction import Branch, gate_values, kl_rows
+from sparseformer.attention.dense import LOG0, dense_attention
+from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS
+from sparseformer.attention.selection import Selection, block_sparse_attention, choose_blocks, to_blocks
+
+Params = dict[str, jax.Array]
+
+
+def init_params(
+    config: ml_collections.ConfigDict, key: jax.Array, *, num_heads: int, head_dim: int, max_len: int
+) -> Params:
+    """The learned parameters a config needs (Linformer projections, gate logits); `{}` if none."""
+    params: Params = {}
+    if config.compression.enabled:
+        init = COMPRESSIONS.get(config.compression.kind).extras.get("init")
+        if init is not None:
+            params.update(init(config, key, num_heads=num_heads, head_dim=head_dim, max_len=max_len))
+    if config.correction.enabled and config.correction.gate:
+        params["gate"] = jnp.zeros((num_heads, 2), jnp.float32)  # sigmoid(0): both branches equal
+    return params
+
+
+def _pad_to(x: jax.Array, axis: int, length: int) -> jax.Array:
+    if x.shape[axis] == length:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    config: ml_collections.ConfigDict,
+    *,
+    params: Params | None = None,
+    causal: bool = False,
+    kv_mask: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    query_block: jax.Array | int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Attention with the components `config` switches on.
+
+    Args:
+      q: `[B, T, H, D]` queries (the layout of `jax.nn.dot_product_attention`).
+      k, v: `[B, S, Hk, D]` keys and values; `H % Hk == 0` (grouped-query attention).
+      config: the `model.attention` ConfigDict (`presets.get(name)` gives one).
+      params: from `init_params` (Linformer projections, gates), when the config needs them.
+      causal: autoregressive masking.
+      kv_mask: `[B, S]` bool, False at padding. With a mask, lengths that are not a multiple
+        of the block size are padded internally.
+      rng: drives random blocks, random features and the regulariser's rows; None gives
+        fixed draws (evaluation, decoding).
+      query_block: decoding. `q` is then the whole query cache and only this block of
+        `block_multiple(config)` queries is computed (output `[B, that, H, D]`), exactly as
+        the full causal pass computes it.
+
+    Returns:
+      `out [B, T, H, D]` in q's dtype, and `aux`: float32 scalars `aux_loss` (the
+      regulariser times its weight) and `fidelity` (KL from dense to approximate attention on
+      the sampled rows; 0 when `correction.aux_rows == 0`).
+    """
+    B, T, H, D = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    padded = kv_mask is not None
+    validate(config, causal=causal, seq_len=T, kv_len=S, padded=padded)
+    if H % Hk:
+        raise ValueError(f"model.attention: query heads {H} must be a multiple of key/value heads {Hk}")
+    if Hk != H:
+        k, v = jnp.repeat(k, H // Hk, axis=2), jnp.repeat(v, H // Hk, axis=2)
+    sel_cfg, comp_cfg, corr = config.selection, config.compression, config.correction
+    params = params or {}
+    fixed = rng is None
+    rng = jax.random.key(0) if rng is None else rng
+    rng_sel, rng_comp, rng_aux = jax.random.split(rng, 3)
+
+    # head-major layout, scale folded into q, lengths padded to the block multiple
+    mult = block_multiple(config, causal=causal)
+    T_pad, S_pad = -(-T // mult) * mult, -(-S // mult) * mult
+    qh = _pad_to(jnp.swapaxes(q * jnp.asarray(D**-0.5, q.dtype), 1, 2), 2, T_pad)
+    kh = _pad_to(jnp.swapaxes(k, 1, 2), 2, S_pad)
+    vh = _pad_to(jnp.swapaxes(v, 1, 2), 2, S_pad)
+    if padded:
+        kv_mask = _pad_to(kv_mask.astype(bool), 1, S_pad)
+
+    if query_block is None:
+        q_used, q_pos = qh, jnp.arange(T_pad)
+    else:
+        start = jnp.asarray(query_block, jnp.int32) * mult
+        q_used = jax.lax.dynamic_slice_in_dim(qh, start, mult, axis=2)
+        q_pos = start + jnp.arange(mult)
+    Tq = q_used.shape[2]
+
+    branches: list[Branch] = []
+    selection: Selection | None = None
+    if sel_cfg.enabled:
+        b = sel_cfg.block_size
+        kb, vb = to_blocks(kh, b), to_blocks(vh, b)
+        kmask_b = kv_mask.reshape(B, S_pad // b, b) if padded else None
+        qb = to_blocks(q_used, b)
+        qids = q_pos[::b] // b
+        if causal:  # a block's choice is made from the previous block's queries
+            prev = jnp.maximum(qids - 1, 0)
+            q_est = to_blocks(qh, b)[:, :, prev]
+        else:
+            q_est = qb
+        selection = choose_blocks(
+            q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng_sel
+        )
+        out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, selection.idx, selection.valid, kmask_b, qids)
+        branches.append(Branch.from_softmax(out_b.reshape(B, H, Tq, D), lse_b.reshape(B, H, Tq)))
+
+    comp_state: Any = None
+    exclude = selection if (corr.enabled and corr.exclusion and selection is not None) else None
+    if comp_cfg.enabled:
+        comp = COMPRESSIONS.get(comp_cfg.kind)
+        branch, comp_state = comp.fn(
+            q_used, kh, vh, kv_mask, q_pos=q_pos, causal=causal, config=config, params=params, rng=rng_comp, sel=exclude
+        )
+        branches.append(branch)
+
+    gates = gate_values(params.get("gate") if corr.enabled and corr.gate else None, len(branches))
+    rule = CORRECTIONS.get(corr.merge if corr.enabled else "sum")
+    if not branches:
+        out, _ = dense_attention(q_used, kh, vh, causal=causal, kv_mask=kv_mask, q_offset=q_pos[0])
+    elif len(branches) == 1:
+        out = branches[0].normalised()
+    else:
+        out = rule.fn(branches, gates)
+
+    n_global_rows = sel_cfg.global_blocks * sel_cfg.block_size if (sel_cfg.enabled and sel_cfg.global_queries) else 0
+    n_global_rows = min(n_global_rows, Tq)
+    if n_global_rows and query_block is None:  # BigBird's global queries see every key
+        out_g, _ = dense_attention(qh[:, :, :n_global_rows], kh, vh, kv_mask=kv_mask)
+        out = out.at[:, :, :n_global_rows].set(out_g)
+
+    aux = {"aux_loss": jnp.zeros((), jnp.float32), "fidelity": jnp.zeros((), jnp.float32)}
+    if corr.aux_rows > 0 and query_block is None and branches:
+        kl = _fidelity(
+            qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config,
+            causal=causal, rng=None if fixed else rng_aux, n_global_rows=n_global_rows,
+        )
+        aux = {"aux_loss": corr.aux_weight * kl, "fidelity": jax.lax.stop_gradient(kl)}
+
+    out = jnp.swapaxes(out[:, :, : (T if query_block is None else Tq)], 1, 2)
+    return out.astype(q.dtype), aux
+
+
+def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config, *, causal, rng, n_global_rows):
+    """KL(dense || approximate) on a few query rows, `O(rows * S * D)`.
+
+    Each branch reports the absolute log-weight it gives every key for those rows; the merge
+    rule combines them exactly as it combines the outputs.
+    """
+    S = kh.shape[2]
+    R = min(config.correction.aux_rows, T)
+    if rng is None:
+        rows = (jnp.arange(R) * T) // R + (T // R) // 2
+    else:
+        rows = jnp.sort(jax.random.choice(rng, T, (R,), replace=False))
+    q_rows = qh[:, :, rows]
+    s_rows = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kh, preferred_element_type=jnp.float32)
+    keys = _row_key_mask(rows, S, causal=causal, kv_mask=kv_mask)
+    s_dense = jnp.where(keys, s_rows, LOG0)
+    logp_dense = jax.lax.stop_gradient(s_dense - jax.nn.logsumexp(s_dense, -1, keepdims=True))
+    row_ok = jnp.any(keys, -1)
+
+    logws = []
+    chosen_keys = None
+    if selection is not None:
+        b = selection.block_size
+        chosen_keys = _expand_blocks(selection.block_mask()[:, :, rows // b], S)
+        logws.append(jnp.where(keys & chosen_keys, s_rows, LOG0))
+    if comp_state is not None:
+        row_logw = COMPRESSIONS.get(config.compression.kind).extras["row_logw"]
+        excluded = chosen_keys if exclude is not None else None
+        logws.append(row_logw(comp_state, q_rows, rows, excluded, causal=causal, kv_mask=kv_mask))
+    if len(logws) == 1:
+        logp = logws[0] - jax.nn.logsumexp(logws[0], -1, keepdims=True)
+    else:
+        logp = rule.extras["rows"](logws, gates)
+    if n_global_rows:
+        logp = jnp.where((rows < n_global_rows)[None, None, :, None], logp_dense, logp)
+    return kl_rows(logp_dense, logp, row_ok)

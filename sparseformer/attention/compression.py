@@ -1,0 +1,321 @@
+"""Compression: a low-rank summary of the keys selection left out.
+
+Every compression is registered in `COMPRESSIONS` with one function
+
+    fn(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel) -> (Branch, state)
+
+(`q [B, H, T, D]` scaled by 1/sqrt(D), `k, v [B, H, S, D]`, `q_pos [T]` absolute query
+positions, `sel` the `Selection` whose blocks must be left out, or None) and two companions
+in `extras`:
+
+  row_logw(state, q_rows, t_rows, excluded, *, causal, kv_mask) -> [B, H, R, S]
+      the absolute log-weight the branch gives each key for a few query rows (for the
+      regulariser and the fidelity metric; LOG0 where it gives none);
+  init(config, key, *, num_heads, head_dim, max_len) -> dict of parameters (optional).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparseformer.attention.config import pool_block_size
+from sparseformer.attention.correction import Branch
+from sparseformer.attention.dense import LOG0, masked_softmax
+from sparseformer.attention.registry import COMPRESSIONS
+from sparseformer.attention.selection import Selection, _gather, slot_mask, to_blocks
+
+TINY = 1e-30
+
+
+def _row_key_mask(t_rows, S, *, causal, kv_mask, excluded_keys=None):
+    """`[B or 1, H or 1, R, S]` keys a row may see."""
+    mask = jnp.ones((1, 1, t_rows.shape[0], S), bool)
+    if causal:
+        mask = mask & (jnp.arange(S)[None, :] <= t_rows[:, None])[None, None]
+    if kv_mask is not None:
+        mask = mask & kv_mask[:, None, None, :]
+    if excluded_keys is not None:
+        mask = mask & ~excluded_keys
+    return mask
+
+
+def _expand_blocks(block_mask_BHRm: jax.Array, S: int) -> jax.Array:
+    m = block_mask_BHRm.shape[-1]
+    return jnp.repeat(block_mask_BHRm, S // m, axis=-1)
+
+
+# ---------------------------------------------------------------- pool
+
+
+def _pool_summaries(k, v, kv_mask, p):
+    B, H, S, D = k.shape
+    kc, vc = k.reshape(B, H, S // p, p, D), v.reshape(B, H, S // p, p, D)
+    if kv_mask is None:
+        return jnp.mean(kc, 3), jnp.mean(vc, 3), jnp.full((1, 1, S // p), float(p))
+    w = kv_mask.reshape(B, 1, S // p, p, 1).astype(k.dtype)
+    cnt = jnp.sum(w, axis=3)  # [B, 1, nc, 1]
+    safe = jnp.maximum(cnt, 1.0)
+    return jnp.sum(kc * w, 3) / safe, jnp.sum(vc * w, 3) / safe, cnt[..., 0].astype(jnp.float32)
+
+
+def _pool_chunk_mask(q_pos, cnt, p, *, causal, sel: Selection | None):
+    """`[B|1, H|1, T, nc]` summary tokens a query may use."""
+    nc = cnt.shape[-1]
+    mask = (cnt > 0)[:, :, None, :]
+    if causal:  # only chunks entirely in the past
+        mask = mask & (((jnp.arange(nc) + 1) * p - 1)[None, :] <= q_pos[:, None])[None, None]
+    if sel is not None:  # exclusion: chunks inside blocks selection computed exactly
+        chunk_sel = jnp.repeat(sel.block_mask(), sel.block_size // p, axis=-1)  # [B, H, n, nc]
+        chunk_sel = jnp.repeat(chunk_sel, sel.block_size, axis=2)  # [B, H, T, nc]
+        mask = mask & ~chunk_sel
+    return mask
+
+
+@COMPRESSIONS.register("pool", exact_when_full=True, supports_exclusion=True)
+def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
+    """One summary token per key block (mean key, mean value), with `log(count)` added to its
+    logit so that one token stands for the block's keys. Exact when blocks are one token."""
+    p = pool_block_size(config)
+    k_sum, v_sum, cnt = _pool_summaries(k, v, kv_mask, p)
+    s = jnp.einsum("bhtd,bhcd->bhtc", q, k_sum, preferred_element_type=jnp.float32)
+    s = s + jnp.log(jnp.maximum(cnt, 1.0))[:, :, None, :]
+    mask = _pool_chunk_mask(q_pos, cnt, p, causal=causal, sel=sel)
+    out, lse = masked_softmax(s, mask, v_sum, "bhtc,bhcd->bhtd")
+    return Branch.from_softmax(out, lse), dict(k_sum=k_sum, cnt=cnt, p=p)
+
+
+def _pool_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+    p, cnt = state["p"], state["cnt"]
+    s = jnp.einsum("bhrd,bhcd->bhrc", q_rows, state["k_sum"], preferred_element_type=jnp.float32)
+    mask = _pool_chunk_mask(t_rows, cnt, p, causal=causal, sel=None)
+    logw = jnp.repeat(jnp.where(mask, s, LOG0), p, axis=-1)  # each key carries its chunk's mean score
+    keys = _row_key_mask(t_rows, logw.shape[-1], causal=False, kv_mask=kv_mask, excluded_keys=excluded)
+    return jnp.where(keys, logw, LOG0)
+
+
+COMPRESSIONS.add_extra("pool", "row_logw", _pool_rows)
+
+
+# ---------------------------------------------------------------- low-rank kernels (shared)
+
+
+def _subtract_on_support(phq, phk, v, kv_mask, sel: Selection, causal: bool):
+    """Low-rank estimate of the selected pairs, to subtract (Scatterbrain's exclusion).
+
+    `phq [B, H, T, r]`, `phk [B, H, S, r]`: the estimate of pair (t, s) is `phq_t . phk_s`.
+    Scans the chosen slots like the exact kernel, so the support matches it pair for pair.
+    """
+    b = sel.block_size
+    B, H, T, _ = phq.shape
+    D = v.shape[-1]
+    phq_b, phk_b, vb = to_blocks(phq, b), to_blocks(phk, b), to_blocks(v, b)
+    kmask_b = None if kv_mask is None else kv_mask.reshape(B, -1, b)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        num, den = carry
+        idx_j, valid_j = xs
+        w = jnp.einsum("bhnqr,bhnkr->bhnqk", phq_b, _gather(phk_b, idx_j))
+        w = jnp.where(slot_mask(idx_j, valid_j, kmask_b, sel.qids, causal, b), w, 0.0)
+        num = num + jnp.einsum("bhnqk,bhnkd->bhnqd", w, _gather(vb, idx_j).astype(jnp.float32))
+        return (num, den + jnp.sum(w, -1)), None
+
+    init = (jnp.zeros(phq_b.shape[:4] + (D,), jnp.float32), jnp.zeros(phq_b.shape[:4], jnp.float32))
+    xs = (jnp.moveaxis(sel.idx, -1, 0), jnp.moveaxis(sel.valid, -1, 0))
+    (num, den), _ = jax.lax.scan(body, init, xs)
+    return num.reshape(B, H, T, D), den.reshape(B, H, T)
+
+
+def _lowrank_rows(phq_rows, ls_rows, phk, t_rows, excluded, *, causal, kv_mask):
+    w = jnp.einsum("bhrf,bhsf->bhrs", phq_rows, phk)
+    keys = _row_key_mask(t_rows, phk.shape[2], causal=causal, kv_mask=kv_mask, excluded_keys=excluded)
+    return jnp.where(keys & (w > TINY), jnp.log(jnp.maximum(w, TINY)) + ls_rows[..., None], LOG0)
+
+
+# ---------------------------------------------------------------- performer (FAVOR+)
+
+
+def orthogonal_features(key: jax.Array, rank: int, dim: int) -> jax.Array:
+    """`[rank, dim]` positive-orthogonal random features: orthogonal blocks with chi norms."""
+    blocks = []
+    keys = jax.random.split(key, math.ceil(rank / dim) + 1)
+    for i in range(math.ceil(rank / dim)):
+        qmat, _ = jnp.linalg.qr(jax.random.normal(keys[i], (dim, dim)))
+        blocks.append(qmat.T)
+    w = jnp.concatenate(blocks, 0)[:rank]
+    norms = jnp.linalg.norm(jax.random.normal(keys[-1], (rank, dim)), axis=1)
+    return w * norms[:, None]
+
+
+def _favor(x, w, mask=None, *, per_row: bool):
+    """Features with `phi(q) . phi(k) ~= exp(q . k)`; returns (features, log scale)."""
+    proj = jnp.einsum("bhtd,rd->bhtr", x.astype(jnp.float32), w)
+    logphi = proj - 0.5 * jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
+    if mask is not None:
+        logphi = jnp.where(mask[:, None, :, None], logphi, LOG0)
+    axes = (-1,) if per_row else (-2, -1)
+    stab = jax.lax.stop_gradient(jnp.max(logphi, axis=axes, keepdims=True))
+    return jnp.exp(logphi - stab) / math.sqrt(w.shape[0]), stab
+
+
+def _performer_features(q, k, kv_mask, config, rng):
+    D = q.shape[-1]
+    w = orthogonal_features(rng, config.compression.rank, D)
+    # q is already scaled by 1/sqrt(D): split the scale evenly between queries and keys
+    phq, sq = _favor(q * D**0.25, w, per_row=True)
+    phk, sk = _favor(k * D**-0.25, w, kv_mask, per_row=False)
+    return w, phq, phk, sq[..., 0], sk[..., 0]  # row scale [B, H, T], key scale [B, H, 1]
+
+
+@COMPRESSIONS.register("performer", supports_exclusion=True)
+def performer(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
+    """FAVOR+ positive orthogonal random features; causal through prefix sums over blocks."""
+    w, phq, phk, sq, sk = _performer_features(q, k, kv_mask, config, rng)
+    vf = v.astype(jnp.float32)
+    if not causal:
+        num = jnp.einsum("bhtr,bhrd->bhtd", phq, jnp.einsum("bhsr,bhsd->bhrd", phk, vf))
+        den = jnp.einsum("bhtr,bhr->bht", phq, jnp.sum(phk, 2))
+    else:
+        num, den = _causal_linear(phq, phk, vf, q_pos, config.selection.block_size)
+    if sel is not None:
+        num_x, den_x = _subtract_on_support(phq, phk, v, kv_mask, sel, causal)
+        num, den = num - num_x, den - den_x
+    return Branch(num, den, sq + sk), dict(w=w, phk=phk, D=q.shape[-1], k_scale=sk)
+
+
+def _causal_linear(phq, phk, v, q_pos, c):
+    """Causal linear attention in chunks of `c`: prefix state before the chunk plus the exact
+    lower triangle inside it (no per-token `r x D` state is ever stored)."""
+    B, H, S, r = phk.shape
+    kc, vc = to_blocks(phk, c), to_blocks(v, c)
+    state = jnp.einsum("bhncr,bhncd->bhnrd", kc, vc)
+    zs = jnp.sum(kc, 3)
+    prefix, zprefix = jnp.cumsum(state, 2) - state, jnp.cumsum(zs, 2) - zs
+    qc = to_blocks(phq, c)  # [B, H, nq, c, r]
+    chunk = q_pos[::c] // c  # [nq]
+    num = jnp.einsum("bhncr,bhnrd->bhncd", qc, prefix[:, :, chunk])
+    den = jnp.einsum("bhncr,bhnr->bhnc", qc, zprefix[:, :, chunk])
+    a = jnp.einsum("bhncr,bhnkr->bhnck", qc, kc[:, :, chunk]) * jnp.tril(jnp.ones((c, c)))
+    num = num + jnp.einsum("bhnck,bhnkd->bhncd", a, vc[:, :, chunk])
+    den = den + jnp.sum(a, -1)
+    T = phq.shape[2]
+    return num.reshape(B, H, T, -1), den.reshape(B, H, T)
+
+
+def _performer_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+    D = state["D"]
+    phq, sq = _favor(q_rows * D**0.25, state["w"], per_row=True)
+    # absolute log weight = log(phq . phk) + row scale + key scale; the key scale is shared
+    k_scale = state["k_scale"]
+    return _lowrank_rows(phq, sq[..., 0] + k_scale, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask)
+
+
+COMPRESSIONS.add_extra("performer", "row_logw", _performer_rows)
+
+
+# ---------------------------------------------------------------- nystrom
+
+
+def _segment_means(x, L, mask=None):
+    B, H, S, D = x.shape
+    xs = x.reshape(B, H, L, S // L, D).astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(xs, 3)
+    w = mask.reshape(B, 1, L, S // L, 1).astype(jnp.float32)
+    return jnp.sum(xs * w, 3) / jnp.maximum(jnp.sum(w, 3), 1.0)
+
+
+def iterative_pinv(a: jax.Array, iters: int) -> jax.Array:
+    """Newton-Schulz pseudo-inverse (Nystromformer's iteration) of `[..., L, L]` matrices."""
+    abs_a = jnp.abs(a)
+    scale = jnp.max(jnp.sum(abs_a, -2), -1) * jnp.max(jnp.sum(abs_a, -1), -1)
+    z = jnp.swapaxes(a, -1, -2) / scale[..., None, None]
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+@COMPRESSIONS.register("nystrom", supports_causal=False, supports_exclusion=True)
+def nystrom(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
+    """Nystrom approximation of the kernel `exp(q . k)` through segment-mean landmarks:
+    `exp(Q K~^T) pinv(exp(Q~ K~^T)) exp(Q~ K^T)`, kept in log-scaled factors so that it
+    merges with exact branches. Bidirectional only."""
+    L = config.compression.rank
+    q_land = _segment_means(q, L)
+    k_land = _segment_means(k, L, kv_mask)
+    f = jnp.einsum("bhtd,bhld->bhtl", q.astype(jnp.float32), k_land)
+    a = jax.lax.stop_gradient(jnp.max(f, -1))
+    w = jnp.einsum("bhld,bhmd->bhlm", q_land, k_land)
+    g = jnp.einsum("bhld,bhsd->bhls", q_land, k.astype(jnp.float32))
+    if kv_mask is not None:
+        g = jnp.where(kv_mask[:, None, None, :], g, LOG0)
+    c = jax.lax.stop_gradient(jnp.max(g, -1))
+    r = jax.lax.stop_gradient(jnp.max(w, -1))
+    w_exp = jnp.exp(w - r[..., None])
+    z = jnp.sum(w_exp, -1)
+    pinv = iterative_pinv(w_exp / z[..., None], config.compression.pinv_iters)
+    phq = jnp.einsum("bhtl,bhlm->bhtm", jnp.exp(f - a[..., None]), pinv) * (jnp.exp(c - r) / z)[:, :, None, :]
+    phk = jnp.swapaxes(jnp.exp(g - c[..., None]), -1, -2)  # [B, H, S, L]
+    num = jnp.einsum("bhtl,bhld->bhtd", phq, jnp.einsum("bhsl,bhsd->bhld", phk, v.astype(jnp.float32)))
+    den = jnp.einsum("bhtl,bhl->bht", phq, jnp.sum(phk, 2))
+    if sel is not None:
+        num_x, den_x = _subtract_on_support(phq, phk, v, kv_mask, sel, causal)
+        num, den = num - num_x, den - den_x
+    state = dict(k_land=k_land, pinv=pinv, scale=jnp.exp(c - r) / z, phk=phk)
+    return Branch(num, den, a), state
+
+
+def _nystrom_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+    f = jnp.einsum("bhrd,bhld->bhrl", q_rows.astype(jnp.float32), state["k_land"])
+    a = jax.lax.stop_gradient(jnp.max(f, -1))
+    phq = jnp.einsum("bhrl,bhlm->bhrm", jnp.exp(f - a[..., None]), state["pinv"]) * state["scale"][:, :, None, :]
+    return _lowrank_rows(phq, a, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask)
+
+
+COMPRESSIONS.add_extra("nystrom", "row_logw", _nystrom_rows)
+
+
+# ---------------------------------------------------------------- linformer
+
+
+@COMPRESSIONS.register("linformer", supports_causal=False, fixed_length=True)
+def linformer(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
+    """Learned projections along the length (`E`, `F`: `[max_len, rank]`), then exact
+    attention over the `rank` projected keys and values. Bidirectional, fixed maximum length."""
+    S = k.shape[2]
+    e, f = params["linformer_e"][:S], params["linformer_f"][:S]
+    if kv_mask is not None:
+        keep = kv_mask[:, None, :, None].astype(k.dtype)
+        k, v = k * keep, v * keep
+    k_proj = jnp.einsum("bhsd,sr->bhrd", k, e.astype(k.dtype))
+    v_proj = jnp.einsum("bhsd,sr->bhrd", v, f.astype(v.dtype))
+    s = jnp.einsum("bhtd,bhrd->bhtr", q, k_proj, preferred_element_type=jnp.float32)
+    out, lse = masked_softmax(s, None, v_proj, "bhtr,bhrd->bhtd")
+    return Branch.from_softmax(out, lse), dict(k_proj=k_proj, f=f)
+
+
+def _linformer_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+    # effective weight on value s: sum_r softmax_r * F[s, r] (clipped at 0: it can be negative)
+    s = jnp.einsum("bhrd,bhpd->bhrp", q_rows, state["k_proj"], preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(s, -1, keepdims=True)
+    eff = jnp.einsum("bhrp,sp->bhrs", jnp.exp(s - lse), state["f"].astype(jnp.float32))
+    keys = _row_key_mask(t_rows, eff.shape[-1], causal=False, kv_mask=kv_mask)
+    return jnp.where(keys & (eff > TINY), jnp.log(jnp.maximum(eff, TINY)) + lse, LOG0)
+
+
+def _linformer_init(config, key, *, num_heads, head_dim, max_len):
+    ke, kf = jax.random.split(key)
+    shape, std = (max_len, config.compression.rank), 1.0 / math.sqrt(max_len)
+    return {
+        "linformer_e": jax.random.normal(ke, shape) * std,
+        "linformer_f": jax.random.normal(kf, shape) * std,
+    }
+
+
+COMPRESSIONS.add_extra("linformer", "row_logw", _linformer_rows)
+COMPRESSIONS.add_extra("linformer", "init", _linformer_init)

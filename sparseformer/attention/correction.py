@@ -1,0 +1,97 @@
+"""Correction: making selection and compression add up.
+
+Each branch returns its attention in a mergeable form, `Branch(num, den, ls)`: the branch's
+unnormalised numerator is `exp(ls) * num` and its denominator `exp(ls) * den` (an exact
+softmax branch has `num = out`, `den = 1`, `ls = log-sum-exp`). A merge rule combines the
+branches; exclusion (leaving the selected blocks out of the compressed branch) is done by the
+compressions themselves; the regulariser lives in `compose`.
+
+Merge rules (registry `CORRECTIONS`, key `model.attention.correction.merge`):
+  lse        one softmax normaliser over both branches: exact where the compression is exact
+  gated_sum  NSA's gated sum of separately normalised branch outputs
+  sum        the naive sum used when correction is off: each branch normalised on its own and
+             the outputs added, so the pairs both branches cover are counted twice
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sparseformer.attention.dense import LOG0
+from sparseformer.attention.registry import CORRECTIONS
+
+LOG_FLOOR = -40.0  # log-probability given to keys an approximation leaves out, in the KL
+
+
+class Branch(NamedTuple):
+    num: jax.Array  # [B, H, T, D] float32
+    den: jax.Array  # [B, H, T] float32 (may be <= 0 for a low-rank estimate after exclusion)
+    ls: jax.Array  # [B, H, T] float32 log scale
+
+    @classmethod
+    def from_softmax(cls, out: jax.Array, lse: jax.Array) -> "Branch":
+        return cls(out, (lse > LOG0 / 2).astype(jnp.float32), lse)
+
+    def normalised(self) -> jax.Array:
+        return safe_divide(self.num, self.den)
+
+
+def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    ok = den > 0
+    return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
+
+
+def gate_values(gate_logits: jax.Array | None, n: int) -> list[jax.Array]:
+    """Per-branch gates, each `[1, H, 1]`, from logits `[H, n]` (ones when there are no gates)."""
+    if gate_logits is None:
+        return [jnp.ones((1, 1, 1), jnp.float32)] * n
+    g = jax.nn.sigmoid(gate_logits.astype(jnp.float32))
+    return [g[None, :, i, None] for i in range(n)]
+
+
+def _normalise(logw: jax.Array) -> jax.Array:
+    return logw - jax.nn.logsumexp(logw, axis=-1, keepdims=True)
+
+
+def _rows_lse(logws, gates):
+    """Approximate attention rows under one normaliser: absolute weights add up."""
+    return _normalise(jax.nn.logsumexp(jnp.stack([lw + jnp.log(g)[..., None] for lw, g in zip(logws, gates)]), axis=0))
+
+
+def _rows_mixture(logws, gates):
+    """Rows of a (gated) sum of separately normalised branches."""
+    parts = [_normalise(lw) + jnp.log(g)[..., None] for lw, g in zip(logws, gates)]
+    return _normalise(jax.nn.logsumexp(jnp.stack(parts), axis=0))
+
+
+@CORRECTIONS.register("lse", exact_when_full=True, extras={"rows": _rows_lse})
+def lse_merge(branches: Sequence[Branch], gates) -> jax.Array:
+    """One normaliser: `sum_i g_i e^{ls_i} num_i / sum_i g_i e^{ls_i} den_i`."""
+    m = jax.lax.stop_gradient(jnp.max(jnp.stack([br.ls for br in branches]), axis=0))
+    scales = [g * jnp.exp(br.ls - m) for br, g in zip(branches, gates)]
+    num = sum(w[..., None] * br.num for w, br in zip(scales, branches))
+    den = sum(w * br.den for w, br in zip(scales, branches))
+    return safe_divide(num, den)
+
+
+@CORRECTIONS.register("gated_sum", extras={"rows": _rows_mixture})
+def gated_sum(branches: Sequence[Branch], gates) -> jax.Array:
+    """NSA: `sum_i g_i * out_i`, each branch normalised on its own."""
+    return sum(g[..., None] * br.normalised() for br, g in zip(branches, gates))
+
+
+@CORRECTIONS.register("sum", extras={"rows": _rows_mixture})
+def naive_sum(branches: Sequence[Branch], gates) -> jax.Array:
+    """The naive sum (correction off): `sum_i out_i`; both branches count the selected pairs."""
+    return sum(br.normalised() for br in branches)
+
+
+def kl_rows(logp_dense: jax.Array, logp_approx: jax.Array, row_ok: jax.Array) -> jax.Array:
+    """Mean over valid rows of KL(dense || approx); both `[B, H, R, S]` log-probabilities."""
+    p = jnp.exp(logp_dense)
+    kl = jnp.sum(jnp.where(p > 0, p * (logp_dense - jnp.maximum(logp_approx, LOG_FLOOR)), 0.0), axis=-1)
+    w = row_ok.astype(jnp.float32)
+    return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)

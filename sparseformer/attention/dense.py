@@ -1,0 +1,68 @@
+"""Exact softmax attention: the reference every component is tested against.
+
+Layout inside the package is head-major, `[B, H, T, D]`; `attend` transposes from the
+public `[B, T, H, D]` layout once. Logits and softmax statistics are float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# "log of zero" as a finite number: -inf would turn 0 * inf into NaN in gradients.
+LOG0 = -1e30
+
+
+def key_masks(
+    q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, kv_mask: jax.Array | None
+) -> jax.Array | None:
+    """Boolean `[B or 1, 1, T, S]` mask of allowed pairs (None when all are allowed)."""
+    mask = None
+    if causal:
+        mask = (q_pos[:, None] >= k_pos[None, :])[None, None]
+    if kv_mask is not None:
+        km = kv_mask[:, None, None, :]
+        mask = km if mask is None else mask & km
+    return mask
+
+
+def masked_softmax(
+    s: jax.Array, mask: jax.Array | None, values: jax.Array, spec: str
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax of logits `s` over their last axis (masked), applied to `values` by `spec`.
+
+    Returns the float32 output (zero on rows with nothing allowed) and the row log-sum-exp
+    (LOG0 on such rows), which is what an exact merge of several branches needs.
+    """
+    if mask is not None:
+        s = jnp.where(mask, s, LOG0)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - m)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    l = jnp.sum(p, axis=-1)
+    out = jnp.einsum(spec, p, values.astype(jnp.float32))
+    has = l > 0
+    safe = jnp.where(has, l, 1.0)
+    return out / safe[..., None], jnp.where(has, m[..., 0] + jnp.log(safe), LOG0)
+
+
+def dense_attention(
+    q_BHTD: jax.Array,
+    k_BHSD: jax.Array,
+    v_BHSD: jax.Array,
+    *,
+    causal: bool = False,
+    kv_mask: jax.Array | None = None,
+    q_offset: jax.Array | int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact attention. `q` must already be scaled by 1/sqrt(D).
+
+    Returns:
+      out `[B, H, T, D]` float32 (zeros on rows with no allowed key) and the row
+      log-sum-exp `[B, H, T]` (LOG0 on such rows).
+    """
+    T, S = q_BHTD.shape[2], k_BHSD.shape[2]
+    s_BHTS = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD, preferred_element_type=jnp.float32)
+    mask = key_masks(jnp.arange(T) + q_offset, jnp.arange(S), causal=causal, kv_mask=kv_mask)
+    return masked_softmax(s_BHTS, mask, v_BHSD, "bhts,bhsd->bhtd")

@@ -1,0 +1,126 @@
+"""Presets: the classic efficient-attention methods as data (configs of the three components).
+
+| preset       | selection                            | compression | correction                          |
+| dense        | off                                  | off         | off                                 |
+| local        | window                               | off         | off                                 |
+| bigbird      | window + global + random             | off         | off                                 |
+| longformer   | window + global                      | off         | off                                 |
+| linformer    | off                                  | linformer   | off                                 |
+| performer    | off                                  | performer   | off                                 |
+| nystrom      | off                                  | nystrom     | off                                 |
+| scatterbrain | window                               | performer   | exclusion + merge                   |
+| nsa          | window + global + top-k (pooled)     | pool        | gated sum (NSA's merge) + gates     |
+| rsa          | window + global + top-k (bound)      | pool        | exclusion + merge + regulariser     |
+
+Budgets are in blocks of `selection.block_size` (64): `bigbird`, `nsa` and `rsa` all compute
+8 key blocks per query block exactly (BigBird: 3 window + 2 global + 3 random, as in its paper).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from sparseformer.attention.config import default_config
+
+_SEL = "selection"
+_COMP = "compression"
+_CORR = "correction"
+
+# name -> (one-line description, overrides of default_config())
+_PRESETS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "dense": ("exact softmax attention", {}),
+    "local": ("sliding window of blocks", {_SEL: dict(enabled=True, window=2)}),
+    "bigbird": (
+        "window + global + random blocks, global queries (Zaheer et al. 2020)",
+        {_SEL: dict(enabled=True, window=1, global_blocks=2, random_blocks=3, global_queries=True)},
+    ),
+    "longformer": (
+        "window + global blocks, global queries (Beltagy et al. 2020)",
+        {_SEL: dict(enabled=True, window=2, global_blocks=1, global_queries=True)},
+    ),
+    "linformer": ("learned length projections (Wang et al. 2020)", {_COMP: dict(enabled=True, kind="linformer", rank=256)}),
+    "performer": ("FAVOR+ random features (Choromanski et al. 2021)", {_COMP: dict(enabled=True, kind="performer", rank=256)}),
+    "nystrom": ("Nystrom landmarks (Xiong et al. 2021)", {_COMP: dict(enabled=True, kind="nystrom", rank=64)}),
+    "scatterbrain": (
+        "window + performer, overlap excluded, one normaliser (Chen et al. 2021)",
+        {
+            _SEL: dict(enabled=True, window=1),
+            _COMP: dict(enabled=True, kind="performer", rank=256),
+            _CORR: dict(enabled=True, merge="lse", exclusion=True),
+        },
+    ),
+    "nsa": (
+        "window + global + top-k (pooled) + pooled summaries, gated sum (Yuan et al. 2025)",
+        {
+            _SEL: dict(enabled=True, window=1, global_blocks=1, top_k=4, estimator="pooled"),
+            _COMP: dict(enabled=True, kind="pool"),
+            _CORR: dict(enabled=True, merge="gated_sum", exclusion=False, gate=True),
+        },
+    ),
+    "rsa": (
+        "robust sparse attention: window + global + top-k (bound) + pooled rest, "
+        "exclusion, one normaliser, KL regulariser (this project)",
+        {
+            _SEL: dict(enabled=True, window=1, global_blocks=1, top_k=4, estimator="bound"),
+            _COMP: dict(enabled=True, kind="pool"),
+            _CORR: dict(enabled=True, merge="lse", exclusion=True, aux_weight=0.1, aux_rows=16),
+        },
+    ),
+}
+
+
+def names() -> list[str]:
+    """The preset names, in table order."""
+    return list(_PRESETS)
+
+
+def describe(name: str) -> str:
+    """One line on what a preset is."""
+    _check(name)
+    return _PRESETS[name][0]
+
+
+def get(name: str) -> ml_collections.ConfigDict:
+    """A fresh `model.attention` ConfigDict for a preset (safe to modify)."""
+    _check(name)
+    config = default_config()
+    for section, values in _PRESETS[name][1].items():
+        config[section].update(values)
+    return config
+
+
+def components(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """A readable summary of what a config switches on (for listings and tables)."""
+    sel, comp, corr = config.selection, config.compression, config.correction
+    parts = []
+    if sel.enabled:
+        parts.append(f"window {sel.window}")
+        if sel.global_blocks:
+            parts.append(f"global {sel.global_blocks}" + (" (+queries)" if sel.global_queries else ""))
+        if sel.random_blocks:
+            parts.append(f"random {sel.random_blocks}")
+        if sel.top_k:
+            parts.append(f"top-{sel.top_k} ({sel.estimator})")
+    correction = "off" + (" (naive sum)" if sel.enabled and comp.enabled else "")
+    if corr.enabled:
+        bits = [corr.merge]
+        if corr.exclusion and sel.enabled and comp.enabled:
+            bits.insert(0, "exclusion")
+        if corr.gate:
+            bits.append("gates")
+        if corr.aux_weight:
+            bits.append(f"KL x{corr.aux_weight:g} on {corr.aux_rows} rows")
+        correction = " + ".join(bits)
+    return {
+        "selection": ", ".join(parts) + (f"; blocks of {sel.block_size}" if parts else "") or "off",
+        "compression": f"{comp.kind} (rank {comp.rank})" if comp.enabled and comp.kind != "pool" else
+        ("pool" if comp.enabled else "off"),
+        "correction": correction,
+    }
+
+
+def _check(name: str) -> None:
+    if name not in _PRESETS:
+        raise ValueError(f"model.attention preset: {name!r} is not one of {', '.join(_PRESETS)}")

@@ -1,0 +1,326 @@
+"""Selection: which key blocks each query block computes exactly.
+
+For every query block a static budget of key blocks is chosen (XLA needs static shapes):
+the window around it, the global blocks, random blocks, and the top-k blocks of an
+importance estimate. The chosen blocks are attended exactly by a block-sparse kernel that
+never forms a `T x S` tensor: a `lax.scan` over the chosen slots with an online softmax,
+whose custom VJP stores only the output and its log-sum-exp and re-gathers blocks in the
+backward pass (flash-attention style), so memory grows like `T * D`, not `T * K * b`.
+
+Shapes: `B` batch, `H` heads, `n` query blocks, `m` key blocks, `b` block size, `D` head
+dim, `K` slots (chosen blocks) per query block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sparseformer.attention.dense import LOG0
+from sparseformer.attention.registry import ESTIMATORS
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The chosen key blocks of each query block (what exclusion and diagnostics need)."""
+
+    idx: jax.Array  # [B, H, n, K] int32 key-block index per slot
+    valid: jax.Array  # [B, H, n, K] bool: slot holds a real, distinct block
+    qids: jax.Array  # [n] int32: the index of each query block
+    block_size: int
+    num_key_blocks: int
+
+    def block_mask(self) -> jax.Array:
+        """`[B, H, n, m]` bool: key block chosen for query block."""
+        hot = jax.nn.one_hot(self.idx, self.num_key_blocks, dtype=jnp.bool_) & self.valid[..., None]
+        return jnp.any(hot, axis=-2)
+
+
+def to_blocks(x: jax.Array, b: int) -> jax.Array:
+    """`[B, H, T, ...]` -> `[B, H, T // b, b, ...]`."""
+    return x.reshape(x.shape[:2] + (x.shape[2] // b, b) + x.shape[3:])
+
+
+def _batch_head_index(B: int, H: int) -> tuple[jax.Array, jax.Array]:
+    return jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None]
+
+
+# ---------------------------------------------------------------- importance estimators
+# Each takes query blocks `[B, H, n, b, D]` (already scaled; causal calls pass the previous
+# query block, so a block's choice never depends on its own or later queries), key blocks
+# `[B, H, m, b, D]`, the key mask in blocks `[B, m, b]` (or None), the allowed block pairs
+# `[n, m]`, and returns scores `[B, H, n, m]` (higher = more important). Gradients never flow
+# through them: the choice is discrete.
+
+
+def _masked(kb: jax.Array, kmask_b: jax.Array | None, fill: float) -> jax.Array:
+    if kmask_b is None:
+        return kb
+    return jnp.where(kmask_b[:, None, :, :, None], kb, fill)
+
+
+@ESTIMATORS.register("pooled", exact_when_full=True)
+def pooled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+    """Mean query of the block against the mean key of each block: cheap, but a single
+    strong key is averaged away among the other keys of its block."""
+    q_mean = jnp.mean(qb, axis=3)
+    if kmask_b is None:
+        k_mean = jnp.mean(kb, axis=3)
+    else:
+        w = kmask_b[:, None, :, :, None].astype(kb.dtype)
+        k_mean = jnp.sum(kb * w, axis=3) / jnp.maximum(jnp.sum(w, axis=3), 1.0)
+    return jnp.einsum("bhnd,bhmd->bhnm", q_mean, k_mean, preferred_element_type=jnp.float32)
+
+
+@ESTIMATORS.register("bound", exact_when_full=True)
+def bound_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+    """Upper bound of any key's score in a block, maximised over the queries of the block.
+
+    Per key block, the elementwise min and max of its keys bound every key's score:
+    `q . k <= sum_d max(q_d * min_d, q_d * max_d) = q+ . max + q- . min`. A block holding one
+    strong key gets a high bound, so it is not missed (unlike `pooled`). Two matmuls.
+    """
+    big = jnp.asarray(1e9, kb.dtype) if kb.dtype == jnp.float32 else jnp.asarray(1e4, kb.dtype)
+    k_max = jnp.max(_masked(kb, kmask_b, -big), axis=3)  # [B, H, m, D]
+    k_min = jnp.min(_masked(kb, kmask_b, big), axis=3)
+    q_pos, q_neg = jnp.maximum(qb, 0), jnp.minimum(qb, 0)
+    upper = jnp.einsum("bhnqd,bhmd->bhnqm", q_pos, k_max, preferred_element_type=jnp.float32)
+    upper += jnp.einsum("bhnqd,bhmd->bhnqm", q_neg, k_min, preferred_element_type=jnp.float32)
+    return jnp.max(upper, axis=3)
+
+
+def _block_mass(s_BHnrS: jax.Array, kmask_b, allowed, m: int) -> jax.Array:
+    """log attention mass per key block, summed over the sampled rows: `[B, H, n, m]`."""
+    B, H, n, r, S = s_BHnrS.shape
+    b = S // m
+    mask = jnp.repeat(allowed, b, axis=-1)[None, None, :, None, :]  # future keys never count
+    if kmask_b is not None:
+        mask = mask & kmask_b.reshape(B, 1, 1, 1, S)
+    s = jnp.where(mask, s_BHnrS, LOG0)
+    logp = s - jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    return jax.nn.logsumexp(logp.reshape(B, H, n, r, m, b), axis=(3, 5))
+
+
+@ESTIMATORS.register("sampled", exact_when_full=True)
+def sampled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+    """Exact scores of a few query rows per block against every key, reduced to the
+    attention mass of each key block: a random estimate of the block's mass."""
+    B, H, n, b, D = qb.shape
+    r = min(cfg.sample_rows, b)
+    if rng is None:
+        rows = jnp.broadcast_to((jnp.arange(r) * (b // r))[None, :], (n, r))
+    else:
+        rows = jax.vmap(lambda key: jax.random.choice(key, b, (r,), replace=False))(jax.random.split(rng, n))
+    q_rows = jnp.take_along_axis(qb, rows[None, None, :, :, None], axis=3)  # [B, H, n, r, D]
+    k = kb.reshape(B, H, -1, D)
+    s = jnp.einsum("bhnrd,bhsd->bhnrs", q_rows, k, preferred_element_type=jnp.float32)
+    return _block_mass(s, kmask_b, allowed, kb.shape[2])
+
+
+@ESTIMATORS.register("oracle", exact_when_full=True)
+def oracle_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+    """The exact attention mass of each block (quadratic: for analysis, and as the upper
+    bound of what any estimator can reach)."""
+    B, H, n, b, D = qb.shape
+    k = kb.reshape(B, H, -1, D)
+    s = jnp.einsum("bhnqd,bhsd->bhnqs", qb, k, preferred_element_type=jnp.float32)
+    return _block_mass(s, kmask_b, allowed, kb.shape[2])
+
+
+# ---------------------------------------------------------------- choosing the blocks
+
+
+def _static_slots(qids: jax.Array, m: int, cfg: ml_collections.ConfigDict, causal: bool):
+    """Window and global blocks for each query block: `idx, valid` of shape `[n, K0]`."""
+    w, g = cfg.window, cfg.global_blocks
+    if w >= m - 1:  # the window alone covers every block: one slot per key block
+        idx = jnp.broadcast_to(jnp.arange(m)[None, :], (qids.shape[0], m))
+        valid = idx <= qids[:, None] if causal else jnp.ones_like(idx, dtype=bool)
+        return idx.astype(jnp.int32), valid
+    offsets = jnp.arange(-w, 1 if causal else w + 1)
+    w_idx = qids[:, None] + offsets[None, :]
+    w_valid = (w_idx >= 0) & (w_idx < m)
+    g_idx = jnp.broadcast_to(jnp.arange(g)[None, :], (qids.shape[0], g))
+    in_window = (g_idx >= qids[:, None] - w) & (g_idx <= qids[:, None] + (0 if causal else w))
+    g_valid = ~in_window & ((g_idx <= qids[:, None]) if causal else True)
+    idx = jnp.concatenate([jnp.clip(w_idx, 0, m - 1), g_idx], axis=1).astype(jnp.int32)
+    return idx, jnp.concatenate([w_valid, g_valid], axis=1)
+
+
+def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    vals, idx = jax.lax.top_k(scores, k)
+    return idx.astype(jnp.int32), vals > NEG_INF
+
+
+def choose_blocks(
+    q_est: jax.Array,
+    kb: jax.Array,
+    kmask_b: jax.Array | None,
+    qids: jax.Array,
+    *,
+    num_query_blocks: int,
+    cfg: ml_collections.ConfigDict,
+    causal: bool,
+    rng: jax.Array,
+) -> Selection:
+    """Pick the key blocks of each query block.
+
+    Args:
+      q_est: query blocks the estimator sees `[B, H, n, b, D]` (causal: the previous block's).
+      kb: key blocks `[B, H, m, b, D]`.
+      kmask_b: key padding mask in blocks `[B, m, b]` or None.
+      qids: `[n]` index of each query block among all `num_query_blocks`.
+      rng: drives random blocks and the `sampled` estimator.
+    """
+    B, H, n, b, _ = q_est.shape
+    m = kb.shape[2]
+    idx0, valid0 = _static_slots(qids, m, cfg, causal)
+    idx_list = [jnp.broadcast_to(idx0, (B, H) + idx0.shape)]
+    valid_list = [jnp.broadcast_to(valid0, (B, H) + valid0.shape)]
+    allowed = (jnp.arange(m)[None, :] <= qids[:, None]) if causal else jnp.ones((n, m), bool)
+    taken = jnp.any(jax.nn.one_hot(idx0, m, dtype=jnp.bool_) & valid0[..., None], axis=-2)  # [n, m]
+    free = jnp.broadcast_to(allowed & ~taken, (B, H, n, m))
+    if kmask_b is not None:
+        free = free & jnp.any(kmask_b, axis=-1)[:, None, None, :]  # never choose an all-padding block
+    rng_random, rng_est = jax.random.split(rng)
+    if cfg.random_blocks:
+        # one table for all query blocks, indexed by qids: decoding draws what the full pass drew
+        u = jax.random.uniform(rng_random, (H, num_query_blocks, m))[:, qids]
+        idx_r, valid_r = _top(jnp.where(free, u[None], NEG_INF), cfg.random_blocks)
+        idx_list.append(idx_r)
+        valid_list.append(valid_r)
+        free = free & ~jnp.any(jax.nn.one_hot(idx_r, m, dtype=jnp.bool_) & valid_r[..., None], axis=-2)
+    if cfg.top_k:
+        est = ESTIMATORS.get(cfg.estimator).fn
+        scores = est(jax.lax.stop_gradient(q_est), jax.lax.stop_gradient(kb), kmask_b, allowed, cfg=cfg, rng=rng_est)
+        idx_t, valid_t = _top(jnp.where(free, jax.lax.stop_gradient(scores), NEG_INF), cfg.top_k)
+        idx_list.append(idx_t)
+        valid_list.append(valid_t)
+    return Selection(
+        idx=jnp.concatenate(idx_list, axis=-1),
+        valid=jnp.concatenate(valid_list, axis=-1),
+        qids=qids,
+        block_size=b,
+        num_key_blocks=m,
+    )
+
+
+# ---------------------------------------------------------------- block-sparse exact attention
+
+
+def slot_mask(idx_j, valid_j, kmask_b, qids, causal: bool, b: int) -> jax.Array:
+    """Allowed (query, key) pairs of one slot: `[B, H, n, b, b]` (broadcastable)."""
+    mask = valid_j[..., None, None]
+    if kmask_b is not None:
+        B, H = idx_j.shape[:2]
+        bi, _ = _batch_head_index(B, H)
+        mask = mask & kmask_b[bi, idx_j][..., None, :]
+    if causal:
+        tri = jnp.arange(b)[:, None] >= jnp.arange(b)[None, :]
+        diag = (idx_j == qids)[..., None, None]
+        mask = mask & (idx_j <= qids)[..., None, None] & (~diag | tri)
+    return mask
+
+
+def _gather(x_BHmbD: jax.Array, idx_BHn: jax.Array) -> jax.Array:
+    B, H = idx_BHn.shape[:2]
+    bi, hi = _batch_head_index(B, H)
+    return x_BHmbD[bi, hi, idx_BHn]
+
+
+def _slot_scores(qb, kb, idx_j, valid_j, kmask_b, qids, causal):
+    k_j = _gather(kb, idx_j)
+    s = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, k_j, preferred_element_type=jnp.float32)
+    mask = slot_mask(idx_j, valid_j, kmask_b, qids, causal, qb.shape[3])
+    return s, mask, k_j
+
+
+def _forward(causal, qb, kb, vb, idx, valid, kmask_b, qids):
+    B, H, n, b, D = qb.shape
+
+    def body(carry, xs):
+        m, l, acc = carry
+        idx_j, valid_j = xs
+        s, mask, _ = _slot_scores(qb, kb, idx_j, valid_j, kmask_b, qids, causal)
+        s = jnp.where(mask, s, LOG0)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        v_j = _gather(vb, idx_j)
+        acc = alpha[..., None] * acc + jnp.einsum("bhnqk,bhnkd->bhnqd", p, v_j, preferred_element_type=jnp.float32)
+        return (m_new, alpha * l + jnp.sum(p, axis=-1), acc), None
+
+    init = (
+        jnp.full((B, H, n, b), LOG0, jnp.float32),
+        jnp.zeros((B, H, n, b), jnp.float32),
+        jnp.zeros((B, H, n, b, D), jnp.float32),
+    )
+    xs = (jnp.moveaxis(idx, -1, 0), jnp.moveaxis(valid, -1, 0))
+    (m, l, acc), _ = jax.lax.scan(body, init, xs)
+    has = l > 0
+    safe_l = jnp.where(has, l, 1.0)
+    return acc / safe_l[..., None], jnp.where(has, m + jnp.log(safe_l), LOG0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def block_sparse_attention(causal, qb, kb, vb, idx, valid, kmask_b, qids):
+    """Exact attention of each query block over its chosen key blocks.
+
+    Args:
+      causal: apply the causal mask inside diagonal blocks (and refuse future blocks).
+      qb: `[B, H, n, b, D]` query blocks, already scaled by 1/sqrt(D).
+      kb, vb: `[B, H, m, b, D]` key and value blocks.
+      idx, valid: `[B, H, n, K]` chosen blocks.
+      kmask_b: `[B, m, b]` bool key mask, or None.
+      qids: `[n]` int32 index of each query block.
+
+    Returns:
+      out `[B, H, n, b, D]` float32 (zero rows where nothing is allowed) and its
+      log-sum-exp `[B, H, n, b]` (LOG0 there).
+    """
+    return _forward(causal, qb, kb, vb, idx, valid, kmask_b, qids)
+
+
+def _fwd_rule(causal, qb, kb, vb, idx, valid, kmask_b, qids):
+    out, lse = _forward(causal, qb, kb, vb, idx, valid, kmask_b, qids)
+    return (out, lse), (qb, kb, vb, idx, valid, kmask_b, qids, out, lse)
+
+
+def _bwd_rule(causal, res, cts):
+    qb, kb, vb, idx, valid, kmask_b, qids, out, lse = res
+    d_out, d_lse = cts
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)  # [B, H, n, b]
+    B, H = qb.shape[:2]
+    bi, hi = _batch_head_index(B, H)
+
+    def body(carry, xs):
+        dq, dk, dv = carry
+        idx_j, valid_j = xs
+        s, mask, k_j = _slot_scores(qb, kb, idx_j, valid_j, kmask_b, qids, causal)
+        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+        v_j = _gather(vb, idx_j)
+        dv_j = jnp.einsum("bhnqk,bhnqd->bhnkd", p, d_out)
+        dp = jnp.einsum("bhnqd,bhnkd->bhnqk", d_out, v_j, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[..., None] + d_lse[..., None])
+        dq = dq + jnp.einsum("bhnqk,bhnkd->bhnqd", ds, k_j, preferred_element_type=jnp.float32)
+        dk_j = jnp.einsum("bhnqk,bhnqd->bhnkd", ds, qb, preferred_element_type=jnp.float32)
+        return (dq, dk.at[bi, hi, idx_j].add(dk_j), dv.at[bi, hi, idx_j].add(dv_j)), None
+
+    init = (
+        jnp.zeros(qb.shape, jnp.float32),
+        jnp.zeros(kb.shape, jnp.float32),
+        jnp.zeros(vb.shape, jnp.float32),
+    )
+    xs = (jnp.moveaxis(idx, -1, 0), jnp.moveaxis(valid, -1, 0))
+    (dq, dk, dv), _ = jax.lax.scan(body, init, xs)
+    return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None, None
+
+
+block_sparse_attention.defvjp(_fwd_rule, _bwd_rule)
