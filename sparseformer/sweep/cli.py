@@ -27,13 +27,14 @@ _TABLE_EPILOG = """\
 layouts:
   1  task metric per task (columns) per attention (rows), with Avg   (Long Range Arena Table 1)
   2  steps/s and peak memory relative to dense per length 1K..4K   (Long Range Arena Table 2);
-     from the training runs, or from bench.json (`sparseformer bench`) when no run varies the length
+     from the training runs, or from bench.json (`sparseformer bench`) when no run has steps/s
   3  component ablation: task metric, fidelity, steps/s and memory relative to dense, per task
   auto  3 for an ablation sweep, 2 for several lengths (or a benchmark alone), else 1
 
 Cells are mean ± sample std (ddof=1) over seeds; a count (n=..) is shown where it differs
 from the table's usual number of seeds. The best entry per column is bold (md, latex) or
-followed by * (csv): higher accuracy/BLEU/speed, lower perplexity/fidelity (KL)/memory.
+followed by * (csv): higher accuracy/BLEU/speed, lower perplexity/fidelity (KL)/memory;
+the reference row (dense) does not compete in the columns relative to it.
 
 examples:
   sparseformer table --workdir=runs/listops_ablation
@@ -51,8 +52,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", required=True, metavar="NAME",
                    help="name of a sweep the config's get_sweep(name, arg) knows, e.g. ablation, presets")
     p.add_argument("--workdir", required=True, help="directory holding one sub-directory per run")
-    p.add_argument("--seeds", default="1", metavar="N|S1,S2,..",
-                   help="N seeds 0..N-1, or an explicit comma-separated list (default: 1)")
+    p.add_argument("--seeds", default="3", metavar="N|S1,S2,..",
+                   help="N seeds 0..N-1, or an explicit comma-separated list (default: 3)")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="runs at a time (local processes; slurm: array parallelism) (default: 1)")
     p.add_argument("--launcher", choices=launch.LAUNCHERS, default="local",
