@@ -166,8 +166,18 @@ def presets_sweep(names: Sequence[str] | None = None) -> list[Entry]:
     return [{ARG: {"attention": n}, NAME: n, LABEL: n} for n in names]
 
 
+def preset_estimator(preset: str) -> str | None:
+    """The top-k estimator `preset` uses, from the attention registry (None when it cannot be
+    imported or the preset has no such key)."""
+    try:
+        from sparseformer.attention import presets  # noqa: PLC0415 (imports JAX: only when asked)
+        return str(presets.get(preset).selection.estimator)
+    except (ImportError, AttributeError, KeyError, ValueError):
+        return None
+
+
 def ablation_sweep(base_preset: str = "rsa", *, estimators: Sequence[str] = ABLATED_ESTIMATORS,
-                   default_estimator: str | None = None) -> list[Entry]:
+                   default_estimator: str | None = "auto") -> list[Entry]:
     """The component ablation of `base_preset` (the issue's list), on top of that preset:
 
     | name                | label                              | what changes                      |
@@ -177,15 +187,20 @@ def ablation_sweep(base_preset: str = "rsa", *, estimators: Sequence[str] = ABLA
     | compression         | compression only                   | selection, correction off         |
     | sel-comp-naive      | selection + compression (naive)    | correction off: the naive sum     |
     | sel-comp-corr-noreg | ... + correction, no regulariser   | `aux_weight = 0`                  |
-    | rsa                 | rsa                                | nothing: the full preset          |
+    | rsa                 | rsa (<its estimator>)              | nothing: the full preset          |
     | rsa-<estimator>     | rsa (<estimator>)                  | the top-k importance estimator    |
 
     Every entry carries `__arg__ = {"attention": base_preset}`, so the ablation is of that
-    preset whatever the sweep's own argument says. `default_estimator`, when given, is the
-    estimator the preset already uses: its row would repeat the full row, so it is left out.
+    preset whatever the sweep's own argument says. `default_estimator` is the estimator the
+    preset already uses (`"auto"`: looked up in the preset registry; `None`: unknown): its
+    row would repeat the full preset, so it is left out and the full row is labelled with it
+    (`rsa (bound)`), so the estimator rows still compare all of `estimators`.
     """
+    if default_estimator == "auto":
+        default_estimator = preset_estimator(base_preset)
     base = {ARG: {"attention": base_preset}}
     off = {SELECTION_ENABLED: False, COMPRESSION_ENABLED: False, CORRECTION_ENABLED: False}
+    full_label = f"{base_preset} ({default_estimator})" if default_estimator in estimators else base_preset
     rows: list[tuple[str, str, Entry]] = [
         ("dense", "dense", off),
         ("selection", "selection only", {**off, SELECTION_ENABLED: True}),
@@ -193,7 +208,7 @@ def ablation_sweep(base_preset: str = "rsa", *, estimators: Sequence[str] = ABLA
         ("sel-comp-naive", "selection + compression (naive)", {CORRECTION_ENABLED: False}),
         ("sel-comp-corr-noreg", "selection + compression + correction, no regulariser",
          {CORRECTION_ENABLED: True, CORRECTION_AUX_WEIGHT: 0.0}),
-        (base_preset, base_preset, {}),
+        (base_preset, full_label, {}),
     ]
     rows += [(f"{base_preset}-{e}", f"{base_preset} ({e})", {SELECTION_ESTIMATOR: e})
              for e in estimators if e != default_estimator]

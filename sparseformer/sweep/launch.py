@@ -205,16 +205,22 @@ def run_local(runs: Sequence[Run], workdir: str | Path, *, parallel: int = 1,
         raise ValueError(f"--parallel must be at least 1, got {parallel}")
     dirs = run_dirs(runs, workdir)
     outcomes: list[Outcome | None] = [None] * len(runs)
-    with tqdm(total=len(runs), desc="runs", unit="run", disable=not progress) as bar, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {pool.submit(execute_run, run, d, command_fn): i
-                   for i, (run, d) in enumerate(zip(runs, dirs))}
-        for future in concurrent.futures.as_completed(futures):
-            i = futures[future]
-            outcome = future.result()
-            outcomes[i] = outcome
-            bar.set_postfix_str(f"last: {outcome.name} {outcome.status.value}")
-            bar.update()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+    try:
+        with tqdm(total=len(runs), desc="runs", unit="run", disable=not progress) as bar:
+            futures = {pool.submit(execute_run, run, d, command_fn): i
+                       for i, (run, d) in enumerate(zip(runs, dirs))}
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                outcome = future.result()
+                outcomes[i] = outcome
+                bar.set_postfix_str(f"last: {outcome.name} {outcome.status.value}")
+                bar.update()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the running trainers too (same process group); launch no more.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     summary = Summary(tuple(o for o in outcomes if o is not None))
     write_summary(workdir, summary)
     return summary

@@ -10,7 +10,8 @@ def get_config(arg: str):  # pragma: no cover (the fake trainer does not read it
 def get_sweep(name: str, arg: str) -> list[dict]:
     del arg
     return expand.pick(name, {
-        "ablation": expand.ablation_sweep,
+        # every row, without asking the preset registry which estimator rsa uses
+        "ablation": lambda: expand.ablation_sweep(default_estimator=None),
         "presets": lambda: expand.presets_sweep(["dense", "local", "rsa"]),
         "mixed": [{"fake.mode": "ok", "__name__": "good"}, {"fake.mode": "fail", "__name__": "bad"},
                   {"fake.mode": "nometrics", "__name__": "silent"}, {"fake.mode": "ok", "__name__": "good2"}],

@@ -44,7 +44,7 @@ def test_pick_lists_known_sweeps():
 
 
 def test_ablation_sweep_is_the_issue_list():
-    entries = expand.ablation_sweep()
+    entries = expand.ablation_sweep(default_estimator=None)
     by_name = {e[NAME]: e for e in entries}
     assert list(by_name) == ["dense", "selection", "compression", "sel-comp-naive", "sel-comp-corr-noreg",
                              "rsa", "rsa-pooled", "rsa-bound", "rsa-sampled"]
@@ -61,8 +61,15 @@ def test_ablation_sweep_is_the_issue_list():
     for est in ("pooled", "bound", "sampled"):
         assert by_name[f"rsa-{est}"][f"{ATT}.selection.estimator"] == est
     assert len({e[LABEL] for e in entries}) == len(entries)
-    # the estimator the preset already uses is not repeated
-    assert [e[NAME] for e in expand.ablation_sweep(default_estimator="bound")][-2:] == ["rsa-pooled", "rsa-sampled"]
+    # the estimator the preset already uses is not repeated: the full row stands for it
+    known = expand.ablation_sweep(default_estimator="bound")
+    assert [e[NAME] for e in known][-3:] == ["rsa", "rsa-pooled", "rsa-sampled"]
+    assert [e[LABEL] for e in known][-3:] == ["rsa (bound)", "rsa (pooled)", "rsa (sampled)"]
+
+
+def test_ablation_sweep_asks_the_preset_registry(monkeypatch):
+    monkeypatch.setattr(expand, "preset_estimator", lambda preset: {"rsa": "sampled"}[preset])
+    assert [e[LABEL] for e in expand.ablation_sweep()][-3:] == ["rsa (sampled)", "rsa (pooled)", "rsa (bound)"]
 
 
 def test_presets_sweep_picks_through_the_config_argument():
@@ -74,7 +81,8 @@ def test_presets_sweep_picks_through_the_config_argument():
 
 
 def test_seeds_multiply_entries_seed_major_with_readable_names():
-    runs = expand.entries_to_runs(expand.ablation_sweep(), "configs/t.py", "scale=tiny", expand.parse_seeds(3))
+    runs = expand.entries_to_runs(expand.ablation_sweep(default_estimator=None), "configs/t.py", "scale=tiny",
+                                  expand.parse_seeds(3))
     assert len(runs) == 27
     assert [r.name for r in runs[:2]] == ["dense__seed0", "selection__seed0"]
     assert runs[9].name == "dense__seed1" and runs[9].seed == 1 and runs[9].index == 0
