@@ -102,25 +102,26 @@ def run_blocked(compiled: Any, args: tuple) -> float:
     return elapsed
 
 
+@jax.jit(static_argnames=("causal",))
+def _reference_rows(q_c: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, *, causal: bool) -> jax.Array:
+    """Exact attention for the query rows `start + [0, c)`."""
+    mask = None
+    if causal:
+        rows, cols = start + jnp.arange(q_c.shape[1]), jnp.arange(k.shape[1])
+        mask = (rows[:, None] >= cols[None, :])[None, None]
+    return jax.nn.dot_product_attention(q_c, k, v, mask=mask)
+
+
 def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool, max_bytes: int = 1 << 29) -> np.ndarray:
     """Exact attention in float32, computed in chunks of query rows so that no `T x S` tensor is whole."""
     B, T, H, _ = q.shape
     S = k.shape[1]
     rows = int(max(1, min(T, max_bytes // (4 * B * H * S))))
-
-    @jax.jit
-    def chunk(qc: jax.Array, kk: jax.Array, vv: jax.Array, start: jax.Array) -> jax.Array:
-        mask = None
-        if causal:
-            mask = (start + jnp.arange(qc.shape[1]))[:, None] >= jnp.arange(S)[None, :]
-            mask = mask[None, None]
-        return jax.nn.dot_product_attention(qc, kk, vv, mask=mask)
-
     kk, vv = jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32)
     outs = []
     for start in range(0, T, rows):
-        qc = jnp.asarray(q[:, start : start + rows], jnp.float32)
-        outs.append(np.asarray(chunk(qc, kk, vv, jnp.int32(start))))
+        q_c = jnp.asarray(q[:, start : start + rows], jnp.float32)
+        outs.append(np.asarray(_reference_rows(q_c, kk, vv, jnp.int32(start), causal=causal)))
     return np.concatenate(outs, axis=1)
 
 

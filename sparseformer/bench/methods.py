@@ -105,7 +105,8 @@ def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method
         out, _aux = attention.attend(q, k, v, config, params=params, causal=shape.causal, rng=rng)
         return out
 
-    return Method(name, fn, params, {key: int(val) for key, val in counted.items()}, "sparseformer")
+    counts = {key: int(val) for key, val in counted.items() if isinstance(val, (int, float))}
+    return Method(name, fn, params, counts, "sparseformer")
 
 
 BASELINES: dict[str, Callable[..., Method]] = {"dense": build_dense}

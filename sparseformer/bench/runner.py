@@ -68,7 +68,8 @@ def _git_commit() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+        # Untracked files inside the package count: code not yet committed is still what ran.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", os.path.dirname(here)], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if head.returncode:
