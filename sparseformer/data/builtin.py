@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -124,15 +125,27 @@ class BuiltinTask(Task):
         return self.builder(config).is_prepared()
 
     def prepare(self, config: ml_collections.ConfigDict) -> str:
-        """Generate the data if it is not there yet (idempotent); returns its directory."""
+        """Generate the data if it is not there yet (idempotent); returns its directory.
+
+        Several processes sharing a `data_dir` (a local sweep) take a file lock, so one generates
+        and the others wait and then read.
+        """
         builder = self.builder(config)
-        if not builder.is_prepared():
-            print(f"sparseformer: generating task {self.name!r} ({builder.builder_config.name}) in {builder.data_dir}")
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False
+        if builder.is_prepared():
+            return os.fspath(builder.data_dir)
+        root = resolve_data_dir(config.data.get("data_dir", ""))
+        os.makedirs(root, exist_ok=True)
+        lock_path = os.path.join(root, f".{builder.name}.{builder.builder_config.name}.lock")
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            builder = self.builder(config)  # another process may have finished meanwhile
+            if not builder.is_prepared():
+                print(f"sparseformer: generating task {self.name!r} ({builder.builder_config.name}) in {builder.data_dir}")
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False
+                    )
                 )
-            )
         return os.fspath(builder.data_dir)
 
     def source(self, config: ml_collections.ConfigDict, split: str) -> Source:

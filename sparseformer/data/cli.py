@@ -35,10 +35,13 @@ def _lengths(task: Task) -> str:
 def tasks_main(argv: list[str]) -> int:
     """Print a table of the tasks: kind, metric, vocabulary, classes, lengths per scale, source."""
     parser = argparse.ArgumentParser(prog="sparseformer tasks", description="List the tasks.")
-    parser.add_argument("--data_dir", default="", help="where to look for prepared data (default: $SPARSEFORMER_DATA_DIR or ~/tensorflow_datasets)")
+    parser.add_argument(
+        "--data_dir", default="", help="where prepared data lives (default: $SPARSEFORMER_DATA_DIR or ~/tensorflow_datasets)"
+    )
     parser.add_argument("--scale", default="tiny", choices=SCALES, help="scale whose preparation is reported")
     args = parser.parse_args(argv)
-    header = ("task", "kind", "metric", "vocab", "classes", f"max_len {'/'.join(SCALES)}", "source", f"prepared ({args.scale})")
+    lengths = f"max_len {'/'.join(SCALES)}"
+    header = ("task", "kind", "metric", "vocab", "classes", lengths, "source", f"prepared ({args.scale})")
     rows = [header]
     for name in task_names():
         task = get_task(name)
@@ -50,7 +53,8 @@ def tasks_main(argv: list[str]) -> int:
                 prepared = "yes" if task.is_prepared(run_config(task, args.scale, args.data_dir)) else "no"
             except Exception as e:  # a broken data_dir should not break the listing
                 prepared = f"? ({type(e).__name__})"
-        rows.append((name, task.kind, task.metric, str(task.vocab_size), str(task.num_classes or "-"), _lengths(task), source, prepared))
+        classes = str(task.num_classes or "-")
+        rows.append((name, task.kind, task.metric, str(task.vocab_size), classes, _lengths(task), source, prepared))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -76,10 +76,11 @@ class Copy(BuiltinTask):
         return {"inputs": int_sequence()}
 
     def generate(self, params: dict[str, Any]) -> dict[str, list[Example]]:
-        return {
-            split: [{"inputs": s} for s in generate(size, (params["data_seed"], i), params["min_len"], params["max_len"] - 1)]
-            for i, (split, size) in enumerate(split_sizes(params).items())
-        }
+        out = {}
+        for i, (split, size) in enumerate(split_sizes(params).items()):
+            strings = generate(size, (params["data_seed"], i), params["min_len"], params["max_len"] - 1)
+            out[split] = [{"inputs": s} for s in strings]
+        return out
 
     def encode(self, example: Any, data: ml_collections.ConfigDict) -> Example:
         return encode_pair(example["inputs"], example["inputs"], data)

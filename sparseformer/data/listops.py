@@ -169,7 +169,9 @@ class ListOps(BuiltinTask):
     metrics = ("accuracy",)
     description = "ListOps (LRA grammar): evaluate nested MIN/MAX/MED/SM expressions, 10 classes"
     builder_class = SparseformerListops
-    generation_keys = ("data_seed", "num_train", "num_validation", "num_test", "min_len", "max_len", "max_depth", "max_args")
+    generation_keys = (
+        "data_seed", "num_train", "num_validation", "num_test", "min_len", "max_len", "max_depth", "max_args"
+    )  # fmt: skip
 
     def default_data_config(self, scale: str) -> ml_collections.ConfigDict:
         self.check_scale(scale)

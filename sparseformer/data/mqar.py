@@ -38,7 +38,8 @@ def generate(
     """
     if not 2 <= num_tokens <= MAX_TOKENS or num_pairs > num_tokens // 2:
         raise ValueError(
-            f"config.data.num_tokens: {num_tokens} must be in [2, {MAX_TOKENS}] with num_pairs ({num_pairs}) <= num_tokens // 2"
+            f"config.data.num_tokens: {num_tokens} must be in [2, {MAX_TOKENS}] "
+            f"with num_pairs ({num_pairs}) <= num_tokens // 2"
         )
     context = 2 * num_pairs
     space = (length + 1 - context) // 2  # (query, answer) slots after the pairs
@@ -83,7 +84,9 @@ class MQAR(BuiltinTask):
     metrics = ("accuracy",)
     description = "multi-query associative recall (Zoology) for causal LMs; accuracy on the answers"
     builder_class = SparseformerMqar
-    generation_keys = ("data_seed", "num_train", "num_validation", "num_test", "max_len", "num_pairs", "num_tokens", "power_a")
+    generation_keys = (
+        "data_seed", "num_train", "num_validation", "num_test", "max_len", "num_pairs", "num_tokens", "power_a"
+    )  # fmt: skip
 
     def default_data_config(self, scale: str) -> ml_collections.ConfigDict:
         self.check_scale(scale)

@@ -37,7 +37,12 @@ VOCAB_SIZE = FUSED0 + NUM_KEYS * NUM_VALUES
 
 
 def generate(
-    num_examples: int, seed: int | Sequence[int], length: int, num_pairs: int, pair_format: str = "adjacent", pair_region: float = 0.5
+    num_examples: int,
+    seed: int | Sequence[int],
+    length: int,
+    num_pairs: int,
+    pair_format: str = "adjacent",
+    pair_region: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(inputs [n, length] int32, labels [n] int32)`: a pure function of its arguments."""
     check_choice("config.data.pair_format", pair_format, PAIR_FORMATS)
@@ -46,7 +51,9 @@ def generate(
     width = 2 if pair_format == "adjacent" else 1
     region = int(length * pair_region)
     if not 0 < pair_region < 1 or region < num_pairs * width or length - region < 2:
-        raise ValueError(f"config.data.pair_region: {pair_region} leaves no room for {num_pairs} pairs in {length} tokens")
+        raise ValueError(
+            f"config.data.pair_region: {pair_region} leaves no room for {num_pairs} pairs in {length} tokens"
+        )
     rng = np.random.Generator(np.random.PCG64(seed))
     n = num_examples
     inputs = FILLER0 + rng.integers(0, NUM_FILLERS, size=(n, length), dtype=np.int32)
@@ -81,7 +88,9 @@ class Retrieval(BuiltinTask):
     metrics = ("accuracy",)
     description = "associative recall: the value of the key queried at the end, planted far away"
     builder_class = SparseformerRetrieval
-    generation_keys = ("data_seed", "num_train", "num_validation", "num_test", "max_len", "num_pairs", "pair_format", "pair_region")
+    generation_keys = (
+        "data_seed", "num_train", "num_validation", "num_test", "max_len", "num_pairs", "pair_format", "pair_region"
+    )  # fmt: skip
 
     def default_data_config(self, scale: str) -> ml_collections.ConfigDict:
         self.check_scale(scale)
