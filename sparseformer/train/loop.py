@@ -1,0 +1,437 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop for every task.
+
+    mesh -> sharded state (or the latest checkpoint) -> compiled step -> loop -> eval -> metrics.json
+
+The step is compiled once ahead of time (`jit(...).lower(...).compile()`), so its memory is
+known and printed before the first step. Inside the loop the host only feeds batches and reads
+the previous step's metrics after dispatching the next step, so the devices never wait for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+
+from sparseformer.train import checkpoint as checkpoint_lib
+from sparseformer.train import metrics_io
+from sparseformer.train import optim
+from sparseformer.train import sharding as sharding_lib
+from sparseformer.train import step as step_lib
+from sparseformer.train.state import StatePlan, TrainState, plan_train_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """What the loop needs from the rest of the package (tests pass their own small ones).
+
+    task: `.metric`, `.metrics`, `.kind`, `.pipeline(config, split, *, seed, process_index, process_count)`,
+      `.decode(ids)` for generation metrics.
+    kind: `.loss(model, batch, *, rng, train) -> (loss, {name: (sum, count)})`, `.logits(...)` for
+      distillation, `.predict(model, batch)` for generation metrics.
+    build_model: `(config, rngs) -> nnx.Module`.
+    """
+
+    task: Any
+    kind: Any
+    build_model: Callable[..., nnx.Module]
+
+
+def default_components(config: ml_collections.ConfigDict) -> Components:
+    """The registered task and model kind named by the config."""
+    from sparseformer.data import get_task
+    from sparseformer.models import MODEL_KINDS, build_model
+
+    return Components(task=get_task(config.task), kind=MODEL_KINDS[config.model.kind], build_model=build_model)
+
+
+def validate_train_config(config: ml_collections.ConfigDict) -> None:
+    """The training keys; raises `ValueError` naming the key and the allowed values."""
+    for key in ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key}: {value!r} must be a positive integer")
+    if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
+        raise ValueError(f"eval_every_steps: {config.eval_every_steps!r} must be >= 0 (0 = only at the end)")
+    if not isinstance(config.num_eval_batches, int) or config.num_eval_batches < -1 or config.num_eval_batches == 0:
+        raise ValueError(f"num_eval_batches: {config.num_eval_batches!r} must be a positive integer or -1 (whole split)")
+    optim.validate(config.optimizer)
+    sharding_lib.rules_dict(config.logical_axis_rules)
+    for key in ("data", "model"):
+        v = config.mesh[key]
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            raise ValueError(f"mesh.{key}: {v!r} must be a positive integer or -1")
+    d = config.distill
+    if d.teacher_workdir:
+        if not (Path(d.teacher_workdir) / "config.json").exists():
+            raise ValueError(f"distill.teacher_workdir: {d.teacher_workdir!r} has no config.json (not a run directory)")
+        if not float(d.weight) > 0:
+            raise ValueError(f"distill.weight: {d.weight!r} must be positive when distill.teacher_workdir is set")
+        if not float(d.temperature) > 0:
+            raise ValueError(f"distill.temperature: {d.temperature!r} must be positive")
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The `config.json` of a run directory (JSON lists where the config had tuples)."""
+    return ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def memory_bytes(compiled: Any) -> dict[str, int]:
+    """XLA's memory analysis of a compiled program, per device.
+
+    `peak_memory_bytes = temp + arguments + outputs - aliased` (donated inputs reuse their
+    buffers for outputs, so the aliased bytes would otherwise count twice).
+    """
+    m = compiled.memory_analysis()
+    if m is None:
+        return {"peak_memory_bytes": -1}
+    out = {
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+    }
+    out["peak_memory_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class _Runtime:
+    """Mesh, compiled steps and evaluation for one config (shared by train and eval)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, comps: Components, mesh: jax.sharding.Mesh):
+        self.config, self.comps, self.mesh = config, comps, mesh
+        self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
+        self.tx, self.schedule = optim.make_optimizer(config.optimizer, num_train_steps=int(config.num_train_steps))
+        self.plan: StatePlan = plan_train_state(
+            lambda: comps.build_model(config, rngs=nnx.Rngs(int(config.seed))), self.tx, mesh, self.rules
+        )
+        self.batch_sharding = sharding_lib.batch_sharding(mesh)
+        self.replicated = sharding_lib.replicated(mesh)
+        self._eval = None
+        self._predict = None
+
+    def context(self) -> Any:
+        """Trace under the mesh and the logical-axis rules (for activation sharding constraints)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(flax_spmd.logical_axis_rules(self.rules))
+        return stack
+
+    def pipeline(self, split: str) -> Any:
+        return self.comps.task.pipeline(
+            self.config, split, seed=int(self.config.seed),
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )  # fmt: skip
+
+    def shard(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return sharding_lib.shard_batch(batch, self.mesh)
+
+    def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
+        """Mean metrics over `num_eval_batches` batches of `split` (all of it for -1)."""
+        if self._eval is None:
+            fn = step_lib.make_eval_step(self.plan.graphdef, self.comps.kind)
+            self._eval = jax.jit(fn, in_shardings=(self.plan.shardings, self.batch_sharding), out_shardings=self.replicated)
+        limit = int(self.config.num_eval_batches)
+        totals = None
+        with self.context():
+            for i, batch in enumerate(self.pipeline(split)):
+                if 0 <= limit <= i:
+                    break
+                m = self._eval(state, self.shard(batch))
+                totals = m if totals is None else jax.tree.map(lambda a, b: a + b, totals, m)
+        if totals is None:
+            raise ValueError(f"split {split!r} of task {self.config.task!r} yielded no batches")
+        return step_lib.finalize(jax.device_get(totals))
+
+    def generation_metrics(self, state: TrainState, split: str) -> dict[str, float]:
+        """BLEU of decoded predictions against the targets (seq2seq tasks)."""
+        from jax.experimental import multihost_utils
+
+        from sparseformer.data.metrics import bleu
+
+        task = self.comps.task
+        if self._predict is None:
+            fn = step_lib.make_predict_step(self.plan.graphdef, self.comps.kind)
+            self._predict = jax.jit(fn, in_shardings=(self.plan.shardings, self.batch_sharding), out_shardings=self.replicated)
+        limit = int(self.config.num_eval_batches)
+        hyps, refs = [], []
+        with self.context():
+            for i, batch in enumerate(self.pipeline(split)):
+                if 0 <= limit <= i:
+                    break
+                ids = np.asarray(jax.device_get(self._predict(state, self.shard(batch))))
+                local = {k: batch[k] for k in ("targets", "example_mask")}
+                full = multihost_utils.process_allgather(local, tiled=True) if jax.process_count() > 1 else local
+                for row, target, real in zip(ids, full["targets"], full["example_mask"]):
+                    if real:
+                        hyps.append(task.decode(row))
+                        refs.append(task.decode(target))
+        score, signature = bleu(hyps, refs)
+        return {"bleu": score, "bleu_signature": signature}  # type: ignore[dict-item]
+
+    def task_metrics(self, state: TrainState, split: str) -> dict[str, Any]:
+        """Eval metrics plus the task metric under its own name."""
+        out: dict[str, Any] = dict(self.evaluate(state, split))
+        metric = self.comps.task.metric
+        if metric == "bleu" and "bleu" not in out:
+            out.update(self.generation_metrics(state, split))
+        elif metric == "perplexity" and "perplexity" not in out:
+            out["perplexity"] = math.exp(out.get("nll", out["loss"]))
+        return out
+
+
+def _restore_teacher(config: ml_collections.ConfigDict, comps: Components, mesh: jax.sharding.Mesh) -> tuple[Any, Any, Any]:
+    """`(graphdef, (params, extra), shardings)` of the teacher's latest checkpoint."""
+    tdir = Path(config.distill.teacher_workdir)
+    tconfig = load_config(tdir)
+    if tconfig.task != config.task:
+        raise ValueError(f"distill.teacher_workdir: the teacher was trained on {tconfig.task!r}, not {config.task!r}")
+    rt = _Runtime(tconfig, comps, mesh)
+    ckpt = checkpoint_lib.Checkpointer(tdir / "checkpoints", max_to_keep=int(tconfig.max_checkpoints_to_keep))
+    try:
+        found = ckpt.restore_latest(rt.plan.abstract.as_dict())
+    finally:
+        ckpt.close()
+    if found is None:
+        raise ValueError(f"distill.teacher_workdir: no readable checkpoint in {tdir / 'checkpoints'}")
+    state = found[1]
+    sh = rt.plan.shardings
+    print(f"distilling from {tdir} (step {found[0]}, attention {tconfig.get('attention_name', '?')})", flush=True)
+    return rt.plan.graphdef, (state["params"], state["extra"]), (sh.params, sh.extra)
+
+
+def _validate_all(config: ml_collections.ConfigDict) -> None:
+    """The models engineer's whole-config check, then the training keys."""
+    from sparseformer.config import validate_config
+
+    validate_config(config)
+    validate_train_config(config)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    components: Components | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Train `config` in `workdir` (resuming from its latest checkpoint), evaluate, write metrics.json.
+
+    Returns the final metrics (what metrics.json holds). Raises `FloatingPointError` on a
+    non-finite loss, leaving the last good checkpoint in place. `components` replaces the
+    registered task and model (tests); `devices` restricts the mesh (default: every device).
+    """
+    wall_start = time.time()
+    workdir = Path(workdir)
+    if components is None:
+        _validate_all(config)
+        components = default_components(config)
+    else:
+        validate_train_config(config)
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics_io.write_json(workdir / "config.json", config_to_dict(config))
+
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model, devices)
+    grad_accum = int(config.optimizer.grad_accum_steps)
+    sharding_lib.check_batch_size(int(config.batch_size), mesh, jax.process_count(), grad_accum)
+    rt = _Runtime(config, components, mesh)
+    plan = rt.plan
+    num_steps = int(config.num_train_steps)
+    if primary:
+        print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es); "
+              f"{plan.num_params:,} parameters", flush=True)
+
+    teacher_graphdef, teacher, teacher_sh = None, None, None
+    if config.distill.teacher_workdir:
+        teacher_graphdef, teacher, teacher_sh = _restore_teacher(config, components, mesh)
+
+    train_iter = rt.pipeline("train")
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=int(config.max_checkpoints_to_keep))
+    writer = None
+    try:
+        found = ckpt.restore_latest(plan.abstract.as_dict())
+        meta: dict[str, Any] = {}
+        if found is not None:
+            start, state_dict, data_state, meta = found
+            state = TrainState(**state_dict)
+            train_iter.set_state(data_state)
+            if primary:
+                for name in ("log.jsonl", "eval.jsonl"):
+                    metrics_io.truncate_log(workdir / name, start)
+                print(f"resumed from {ckpt.directory / str(start)}", flush=True)
+        else:
+            start, state = 0, plan.init()
+        last_saved = start if found is not None else None
+
+        rng = jax.make_array_from_process_local_data(
+            rt.replicated, np.asarray(jax.random.key_data(jax.random.key(int(config.seed))))
+        )
+        train_step = step_lib.make_train_step(
+            plan.graphdef, components.kind, rt.tx, rt.schedule, grad_accum_steps=grad_accum,
+            teacher_graphdef=teacher_graphdef, distill_weight=float(config.distill.weight),
+            distill_temperature=float(config.distill.temperature),
+        )  # fmt: skip
+
+        def step_fn(state: TrainState, batch: Any, rng: jax.Array, teacher: Any) -> Any:
+            return train_step(state, batch, jax.random.wrap_key_data(rng), teacher)
+
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(plan.shardings, rt.batch_sharding, rt.replicated, teacher_sh),
+            out_shardings=(plan.shardings, rt.replicated),
+            donate_argnums=0,
+        )
+        writer = metrics_io.MetricsWriter(workdir, active=primary, total_steps=num_steps, initial_step=start)
+        final_loss = meta.get("loss")
+        steps_per_second = meta.get("steps_per_second")
+        memory = meta.get("memory", {})
+
+        if start < num_steps:
+            batch = rt.shard(next(train_iter))
+            with rt.context():
+                compiled = jitted.lower(state, batch, rng, teacher).compile()
+            memory = memory_bytes(compiled)
+            if primary:
+                detail = ", ".join(f"{k[:-6]} {_mib(v)}" for k, v in memory.items() if k != "peak_memory_bytes")
+                print(f"compiled train step: peak memory {_mib(memory['peak_memory_bytes'])} per device ({detail})", flush=True)
+
+            log_every = int(config.log_every_steps)
+            ckpt_every = int(config.checkpoint_every_steps)
+            eval_every = int(config.eval_every_steps)
+            timer = {"t0": None, "n0": start}
+
+            def handle(done: int, metrics: Any) -> float:
+                """Read the metrics of the update that made step `done`; stop on a non-finite loss."""
+                values = step_lib.finalize(jax.device_get(metrics))
+                loss = values["loss"]
+                if not (math.isfinite(loss) and math.isfinite(values["grad_norm"])):
+                    kept = f"step {last_saved} in {ckpt.directory}" if last_saved else "none"
+                    raise FloatingPointError(
+                        f"non-finite loss at step {done}: loss={loss}, grad_norm={values['grad_norm']}; "
+                        f"training stopped, last good checkpoint: {kept}"
+                    )
+                now = time.perf_counter()
+                if timer["t0"] is None:  # the first update includes warm-up: time from its end
+                    timer["t0"], timer["n0"] = now, done
+                sps = (done - timer["n0"]) / (now - timer["t0"]) if done > timer["n0"] else None
+                if done % log_every == 0 or done == num_steps:
+                    writer.write(done, {**values, **({"steps_per_second": sps} if sps else {})})
+                    writer.progress(done, loss, sps)
+                timer["sps"] = sps
+                return loss
+
+            pending: tuple[int, Any] | None = None
+            for i in range(start, num_steps):
+                if i > start:
+                    batch = rt.shard(next(train_iter))
+                state, metrics = compiled(state, batch, rng, teacher)
+                if pending is not None:
+                    final_loss = handle(*pending)
+                pending = (i + 1, metrics)
+                done = i + 1
+                if done % ckpt_every == 0 or done == num_steps:
+                    final_loss = handle(*pending)  # never save a state made by a non-finite update
+                    pending = None
+                    steps_per_second = timer.get("sps") or steps_per_second
+                    ckpt.save(done, state.as_dict(), data=train_iter.get_state(),
+                              meta={"step": done, "loss": final_loss, "steps_per_second": steps_per_second,
+                                    "memory": memory, "seed": int(config.seed)},
+                              config=config_to_dict(config))  # fmt: skip
+                    last_saved = done
+                if eval_every and done % eval_every == 0 and done != num_steps:
+                    if pending is not None:
+                        final_loss = handle(*pending)
+                        pending = None
+                    writer.write(done, rt.evaluate(state, "validation"), prefix="validation_", log_name="eval.jsonl")
+            if pending is not None:
+                final_loss = handle(*pending)
+            steps_per_second = timer.get("sps") or steps_per_second
+        ckpt.wait()
+
+        eval_split = "test"
+        results = rt.task_metrics(state, eval_split)
+        metric = components.task.metric
+        final = {
+            "task": config.task,
+            "attention": config.get("attention_name", ""),
+            "seed": int(config.seed),
+            "scale": config.get("scale", ""),
+            "max_len": int(config.data.max_len) if "max_len" in config.data else None,
+            metric: results.get(metric),
+            "fidelity": results.get("fidelity"),
+            "steps_per_second": steps_per_second,
+            "peak_memory_bytes": memory.get("peak_memory_bytes"),
+            "num_params": plan.num_params,
+            "final_loss": final_loss,
+            "num_train_steps": num_steps,
+            "eval_loss": results.get("loss"),
+            "eval_split": eval_split,
+            "peak_rss_bytes": metrics_io.peak_rss_bytes(),
+            "wall_seconds": time.time() - wall_start,
+            "memory": memory,
+            "mesh": dict(mesh.shape),
+            "process_count": jax.process_count(),
+            **{f"eval_{k}": v for k, v in results.items() if k != metric},
+        }
+        if primary:
+            writer.write(num_steps, {k: v for k, v in results.items() if isinstance(v, float)}, prefix=f"{eval_split}_",
+                         log_name="eval.jsonl")
+            metrics_io.write_json(workdir / "metrics.json", final)
+            print(f"done: {metric} {final[metric]}, final loss {final_loss}, {steps_per_second or 0:.2f} steps/s; "
+                  f"{workdir / 'metrics.json'}", flush=True)
+        return final
+    finally:
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+
+def evaluate_workdir(
+    workdir: str | Path,
+    split: str = "test",
+    *,
+    components: Components | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of a run directory on `split`; writes `eval_<split>.json`."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
+    config = load_config(workdir)
+    components = components or default_components(config)
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model, devices)
+    rt = _Runtime(config, components, mesh)
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=int(config.max_checkpoints_to_keep))
+    try:
+        found = ckpt.restore_latest(rt.plan.abstract.as_dict())
+    finally:
+        ckpt.close()
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+    results = rt.task_metrics(TrainState(**found[1]), split)
+    out = {"step": found[0], "split": split, "task": config.task, **results}
+    if jax.process_index() == 0:
+        metrics_io.write_json(workdir / f"eval_{split}.json", out)
+    return out
