@@ -65,6 +65,46 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of a flag error in one line (a config file's traceback reduced to its last line)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if len(lines) > 1 and ("Traceback" in str(e) or lines[0].endswith(":")):
+        return f"{lines[0]} {lines[-1]}"
+    return lines[0]
+
+
+def _load_config_file(spec: str) -> object:
+    """`path.py[:arg]` -> that file's `get_config(arg)` (no flag parsing: ml_collections reads sys.argv)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_sparseformer_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+    """The first `--config.KEY=` override whose KEY the config does not have (None if all exist)."""
+    specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    try:
+        config = _load_config_file(specs[-1])
+    except Exception:  # noqa: BLE001  only a better message is at stake; the caller has one
+        return None
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            key = arg[len("--config."):].split("=", 1)[0]
+            node = config
+            for part in key.split("."):
+                if not hasattr(node, "keys") or part not in node:
+                    known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "nothing (not a block)"
+                    return f"unknown config key {key!r}: {part!r} is not one of {known}"
+                node = node[part]
+    return None
+
+
 def _parse(fv: flags.FlagValues, prog: str, argv: Sequence[str], doc: str) -> int | None:
     """Parse into `fv`; returns an exit code when the command should stop (help or bad flags)."""
     if any(a in ("-h", "--help", "--helpfull", "help") for a in argv):
@@ -72,10 +112,16 @@ def _parse(fv: flags.FlagValues, prog: str, argv: Sequence[str], doc: str) -> in
         print("flags:")
         print(fv.get_help(include_special_flags=False))
         return 0
+    for arg in argv:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].partition(":")[0]
+            if not os.path.isfile(path):
+                print(f"{prog}: --config: no such config file {path!r}", file=sys.stderr)
+                return 2
     try:
         fv([prog, *argv])
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = (_unknown_override(argv) if any(a.startswith("--config=") for a in argv) else None) or _one_line(e)
         print(f"{prog}: {msg}", file=sys.stderr)
         return 2
     if not flags.FLAGS.is_parsed():  # grain workers read absl flags
@@ -101,10 +147,16 @@ def train_main(argv: Sequence[str]) -> int:
     code = _parse(fv, prog, argv, TRAIN_DOC)
     if code is not None:
         return code
-    if fv.config is None or not fv.workdir:
+    try:
+        config = fv.config  # the file is loaded lazily, on first access
+        if config is not None:
+            config.keys()
+    except (OSError, ValueError, AttributeError, KeyError) as e:
+        print(f"{prog}: --config: {_one_line(e)}", file=sys.stderr)
+        return 2
+    if config is None or not fv.workdir:
         print(f"{prog}: --config and --workdir are required (see --help)", file=sys.stderr)
         return 2
-    config = fv.config
     try:
         from sparseformer.config import validate_config
 
