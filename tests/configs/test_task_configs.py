@@ -1,0 +1,139 @@
+"""Every task config x scale builds and validates; bad keys and values get one clear message;
+every config of the standard sweeps validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparseformer import config as config_lib
+from sparseformer.config import apply_overrides, validate_config
+from sparseformer.sweep import expand
+
+CONFIGS = sorted(p.stem for p in (Path(__file__).parents[2] / "configs").glob("*.py"))
+ROOT = Path(__file__).parents[2]
+
+
+def load(name: str):
+    return expand.load_config_module(ROOT / "configs" / f"{name}.py")
+
+
+def test_the_task_configs_exist():
+    assert {"listops", "retrieval", "mqar", "synth_translate", "copy", "text", "image", "translate", "lm1b"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("scale", config_lib.SCALES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_and_scale_validates(name: str, scale: str):
+    module = load(name)
+    config = module.get_config(f"attention=rsa,scale={scale},seed=3")
+    validate_config(config)
+    assert (config.task, config.scale, config.seed, config.attention_name) == (name, scale, 3, "rsa")
+    assert config.model.max_len == config.data.max_len
+    assert "sparseformer train --config=configs/" in module.__doc__
+
+
+def test_model_lengths_follow_the_data():
+    config = load("listops").get_config("scale=tiny")
+    config.data.max_len = 256
+    assert config.model.max_len == 256
+    validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["listops", "retrieval", "mqar", "synth_translate"])
+@pytest.mark.parametrize("sweep", ["ablation", "presets", "top_k"])
+def test_every_sweep_config_validates(name: str, sweep: str):
+    module = load(name)
+    for scale in ("tiny", "small"):
+        entries = module.get_sweep(sweep, f"scale={scale}")
+        assert entries
+        for entry in entries:
+            arg = {"scale": scale, **dict(entry.get(expand.ARG, {}))}
+            config = module.get_config(expand.format_arg(arg))
+            overrides = {k: v for k, v in entry.items() if k not in expand.META_KEYS}
+            validate_config(apply_overrides(config, overrides))
+
+
+def test_causal_presets_sweep_leaves_out_what_causal_attention_refuses():
+    names = [e[expand.NAME] for e in load("mqar").get_sweep("presets", "scale=tiny")]
+    assert "rsa" in names and "dense" in names
+    assert not {"linformer", "nystrom", "bigbird", "longformer"} & set(names)
+    assert len([e for e in load("listops").get_sweep("presets", "scale=tiny")]) == len(config_lib.presets.names())
+
+
+BAD = [
+    ({"model.attention.compression.kind": "nonsense"},
+     "model.attention.compression.kind: 'nonsense' is not one of pool, performer, nystrom, linformer"),
+    ({"model.positions": "rotary"}, "model.positions: 'rotary' is not one of learned, sinusoidal"),
+    ({"optimizer.name": "lion"}, "optimizer.name: 'lion' is not one of"),
+    ({"optimizer.schedule": "linear"}, "optimizer.schedule: 'linear' is not one of"),
+    ({"model.num_heads": 3}, "model.num_heads: 3 is not allowed; must divide model.emb_dim=32"),
+    ({"model.num_kv_heads": 4, "model.num_heads": 2}, "model.num_kv_heads: 4 is not allowed; must divide model.num_heads=2"),
+    ({"model.dropout_rate": 1.5}, "model.dropout_rate: 1.5 is not allowed; must be in [0, 1)"),
+    ({"batch_size": 0}, "batch_size: 0 is not allowed; must be >= 1"),
+    ({"data.max_len": 100}, "model.attention.selection.top_k: 4 is not allowed"),
+    ({"model.attention.selection.top_k": 9}, "model.attention.selection.top_k: 9 is not allowed"),
+    ({"model.attention.correction.gate": True, "model.attention.correction.enabled": False},
+     "model.attention.correction.gate: True is not allowed; gates need correction.enabled=True"),
+    ({"num_eval_batches": 0}, "num_eval_batches: 0 is not allowed"),
+    ({"optimizer.grad_accum_steps": 3}, "optimizer.grad_accum_steps: 3 is not allowed; must divide batch_size=8"),
+    ({"model.pooling": "max"}, "model.pooling: 'max' is not one of mean, cls"),
+    ({"mesh.data": 0}, "mesh.data: 0 is not allowed"),
+    ({"distill.weight": 0.5}, "distill.weight: 0.5 is not allowed; needs distill.teacher_workdir"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[next(iter(o)) for o, _ in BAD])
+def test_bad_values_give_one_clear_message(overrides, message):
+    config = apply_overrides(load("listops").get_config("scale=tiny"), overrides)
+    with pytest.raises(ValueError) as e:
+        validate_config(config)
+    assert message in str(e.value)
+
+
+def test_unknown_and_mistyped_keys():
+    config = load("listops").get_config("scale=tiny")
+    config.model.num_layerz = 2
+    with pytest.raises(ValueError, match=r"^model.num_layerz: unknown key; known: .*num_layers"):
+        validate_config(config)
+    config = load("listops").get_config("scale=tiny")
+    config.unlock()
+    config.model.attention.selection.windw = 2
+    with pytest.raises(ValueError, match=r"model.attention.selection.windw: unknown key"):
+        validate_config(config)
+    with pytest.raises(ValueError, match=r"model.num_layerz: unknown key"):
+        apply_overrides(load("listops").get_config("scale=tiny"), {"model.num_layerz": 1})
+
+
+def test_causal_models_refuse_bidirectional_only_components():
+    config = load("mqar").get_config("attention=linformer,scale=tiny")
+    with pytest.raises(ValueError, match=r"model.attention.compression.kind: 'linformer' .*causal"):
+        validate_config(config)
+    config = load("copy").get_config("attention=nystrom,scale=tiny")
+    with pytest.raises(ValueError, match=r"decoder self-attention"):
+        validate_config(config)
+
+
+def test_cross_attention_with_the_model_config_is_validated():
+    config = load("copy").get_config("scale=tiny")
+    config.model.cross_attention = "same"
+    validate_config(config)
+    config.model.cross_attention = "sparse"
+    with pytest.raises(ValueError, match=r"model.cross_attention: 'sparse' is not one of dense, same"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("attention=nope", "attention: 'nope' is not one of dense"),
+    ("scale=huge", "scale: 'huge' is not one of tiny, small, paper"),
+    ("seed=x", "seed: 'x' is not an integer"),
+    ("colour=red", "config argument 'colour'"),
+])
+def test_bad_arguments(arg: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        config_lib.parse_arg(arg)
+
+
+def test_parse_arg_defaults():
+    assert config_lib.parse_arg("") == {"attention": "rsa", "scale": "small", "seed": 0}
