@@ -32,6 +32,12 @@ def init_params(
     return params
 
 
+def init_params_names(config: ml_collections.ConfigDict) -> set[str]:
+    """Names of the parameters `init_params` creates for this config (shapes not needed)."""
+    names = jax.eval_shape(lambda: init_params(config, jax.random.key(0), num_heads=1, head_dim=1, max_len=1))
+    return set(names)
+
+
 def _pad_to(x: jax.Array, axis: int, length: int) -> jax.Array:
     if x.shape[axis] == length:
         return x
@@ -83,6 +89,13 @@ def attend(
         k, v = jnp.repeat(k, H // Hk, axis=2), jnp.repeat(v, H // Hk, axis=2)
     sel_cfg, comp_cfg, corr = config.selection, config.compression, config.correction
     params = params or {}
+    required = init_params_names(config)
+    missing = sorted(required - set(params))
+    if missing:
+        raise ValueError(
+            f"model.attention: this config needs parameters {missing} (create them with "
+            f"sparseformer.attention.init_params and pass params=...)"
+        )
     fixed = rng is None
     rng = jax.random.key(0) if rng is None else rng
     rng_sel, rng_comp, rng_aux = jax.random.split(rng, 3)

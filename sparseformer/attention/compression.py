@@ -158,7 +158,10 @@ def _favor(x, w, mask=None, *, per_row: bool):
         logphi = jnp.where(mask[:, None, :, None], logphi, LOG0)
     axes = (-1,) if per_row else (-2, -1)
     stab = jax.lax.stop_gradient(jnp.max(logphi, axis=axes, keepdims=True))
-    return jnp.exp(logphi - stab) / math.sqrt(w.shape[0]), stab
+    phi = jnp.exp(logphi - stab) / math.sqrt(w.shape[0])
+    if mask is not None:  # padded keys contribute nothing, even when every key is padded
+        phi = jnp.where(mask[:, None, :, None], phi, 0.0)
+    return phi, stab
 
 
 def _performer_features(q, k, kv_mask, config, rng):
