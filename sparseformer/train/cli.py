@@ -140,8 +140,9 @@ def train_main(argv: Sequence[str]) -> int:
 
     prog = "sparseformer train"
     fv = flags.FlagValues()
+    # `sys_argv`: the `--config.KEY=` override flags are found in these arguments, not in sys.argv.
     config_flags.DEFINE_config_file("config", None, "config file and its argument, CONFIG.py:ARG", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=[prog, *argv])
     flags.DEFINE_string("workdir", None, "run directory (created; resumed when it has checkpoints)", flag_values=fv)
     _define_multihost(fv)
     code = _parse(fv, prog, argv, TRAIN_DOC)
