@@ -81,8 +81,8 @@ def bench_main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"sparseformer bench: {e}", file=sys.stderr)
         return 2
-    bench = runner.run(options)
     command = "sparseformer bench " + " ".join(shlex.quote(a) for a in argv)
+    bench = runner.run(options, checkpoint=lambda partial: report.write_json(dict(partial, command=command), args.out))
     paths = report.write(bench, args.out, command=command)
     print(report.markdown(bench, command=command))
     print("wrote " + ", ".join(paths.values()))

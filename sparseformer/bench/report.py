@@ -209,6 +209,17 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def write_json(bench: dict[str, Any], out_dir: str) -> str:
+    """Write (or overwrite) `bench.json` alone, with ratios: the partial result of a long run."""
+    os.makedirs(out_dir, exist_ok=True)
+    add_ratios(bench["results"])
+    path = os.path.join(out_dir, "bench.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(_json_safe(bench), f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write(bench: dict[str, Any], out_dir: str, *, command: str | None = None) -> dict[str, str]:
     """Write `bench.json`, `bench.md` and `bench.png` under `out_dir`; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)

@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -230,13 +230,21 @@ def count_steps(o: BenchOptions) -> int:
     return per_length * len(o.lengths) + probes
 
 
-def run(o: BenchOptions, *, progress: Any = None) -> dict[str, Any]:
-    """Run the benchmark; returns the `bench.json` object."""
+def run(o: BenchOptions, *, progress: Any = None, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the `bench.json` object. `checkpoint` receives the partial object
+    after each length and before the probes, so a long run that is stopped keeps what it measured."""
     if progress is None:
         from tqdm import tqdm
 
         progress = tqdm(total=count_steps(o), unit="step", dynamic_ncols=True)
     records: list[dict[str, Any]] = []
+    bench = {
+        "machine": machine_info(),
+        "jax": jax.__version__,
+        "jaxlib": _jaxlib_version(),
+        "options": dataclasses.asdict(o),
+        "results": records,
+    }
     for length in o.lengths:
         cases = _build_cases(o, length, progress)
         _time_cases(cases, o, length, progress)
@@ -245,15 +253,11 @@ def run(o: BenchOptions, *, progress: Any = None) -> dict[str, Any]:
             _fidelity(cases, o, length, progress)
         records += [c.record for c in cases]
         del cases
+        if checkpoint:
+            checkpoint(bench)
     _probe_rss(records, o, progress)
     progress.close()
-    return {
-        "machine": machine_info(),
-        "jax": jax.__version__,
-        "jaxlib": _jaxlib_version(),
-        "options": dataclasses.asdict(o),
-        "results": records,
-    }
+    return bench
 
 
 def parse_csv(text: str, cast: type = str) -> tuple[Any, ...]:
