@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sparseformer.attention import rand
 from sparseformer.attention.compression import _expand_blocks, _row_key_mask
 from sparseformer.attention.config import block_multiple, validate
 from sparseformer.attention.correction import Branch, gate_values, kl_rows
@@ -98,7 +99,8 @@ def attend(
         )
     fixed = rng is None
     rng = jax.random.key(0) if rng is None else rng
-    rng_sel, rng_comp, rng_aux = jax.random.split(rng, 3)
+    # each consumer hashes the key with its own stream number (sparseformer.attention.rand)
+    rng_sel = rng_comp = rng_aux = rng
 
     # head-major layout, scale folded into q, lengths padded to the block multiple
     mult = block_multiple(config, causal=causal)
@@ -183,7 +185,7 @@ def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gate
     if rng is None:
         rows = (jnp.arange(R) * T) // R + (T // R) // 2
     else:
-        rows = jnp.sort(jax.random.choice(rng, T, (R,), replace=False))
+        rows = rand.stratified(rng, T, R, stream=7)
     q_rows = qh[:, :, rows]
     s_rows = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kh, preferred_element_type=jnp.float32)
     keys = _row_key_mask(rows, S, causal=causal, kv_mask=kv_mask)

@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sparseformer.attention import rand
 from sparseformer.attention.config import pool_block_size
 from sparseformer.attention.correction import Branch
 from sparseformer.attention.dense import LOG0, masked_softmax
@@ -140,13 +141,11 @@ def _lowrank_rows(phq_rows, ls_rows, phk, t_rows, excluded, *, causal, kv_mask):
 
 def orthogonal_features(key: jax.Array, rank: int, dim: int) -> jax.Array:
     """`[rank, dim]` positive-orthogonal random features: orthogonal blocks with chi norms."""
-    blocks = []
-    keys = jax.random.split(key, math.ceil(rank / dim) + 1)
-    for i in range(math.ceil(rank / dim)):
-        qmat, _ = jnp.linalg.qr(jax.random.normal(keys[i], (dim, dim)))
-        blocks.append(qmat.T)
-    w = jnp.concatenate(blocks, 0)[:rank]
-    norms = jnp.linalg.norm(jax.random.normal(keys[-1], (rank, dim)), axis=1)
+    n_blocks = math.ceil(rank / dim)
+    gauss = rand.normal(key, (n_blocks, dim, dim), stream=11)
+    qmat, _ = jnp.linalg.qr(gauss)  # batched: one orthogonal block per `dim` features
+    w = jnp.swapaxes(qmat, -1, -2).reshape(n_blocks * dim, dim)[:rank]
+    norms = jnp.linalg.norm(rand.normal(key, (rank, dim), stream=13), axis=1)
     return w * norms[:, None]
 
 

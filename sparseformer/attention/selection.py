@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sparseformer.attention import rand
 from sparseformer.attention.dense import LOG0
 from sparseformer.attention.registry import ESTIMATORS
 
@@ -116,7 +117,7 @@ def sampled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
     if rng is None:
         rows = jnp.broadcast_to((jnp.arange(r) * (b // r))[None, :], (n, r))
     else:
-        rows = jax.vmap(lambda key: jax.random.choice(key, b, (r,), replace=False))(jax.random.split(rng, n))
+        rows = rand.stratified(rng, b, r, stream=3, batch=(n,))
     q_rows = jnp.take_along_axis(qb, rows[None, None, :, :, None], axis=3)  # [B, H, n, r, D]
     k = kb.reshape(B, H, -1, D)
     s = jnp.einsum("bhnrd,bhsd->bhnrs", q_rows, k, preferred_element_type=jnp.float32)
@@ -188,17 +189,16 @@ def choose_blocks(
     free = jnp.broadcast_to(allowed & ~taken, (B, H, n, m))
     if kmask_b is not None:
         free = free & jnp.any(kmask_b, axis=-1)[:, None, None, :]  # never choose an all-padding block
-    rng_random, rng_est = jax.random.split(rng)
     if cfg.random_blocks:
         # one table for all query blocks, indexed by qids: decoding draws what the full pass drew
-        u = jax.random.uniform(rng_random, (H, num_query_blocks, m))[:, qids]
+        u = rand.uniform(rng, (H, num_query_blocks, m), stream=1)[:, qids]
         idx_r, valid_r = _top(jnp.where(free, u[None], NEG_INF), cfg.random_blocks)
         idx_list.append(idx_r)
         valid_list.append(valid_r)
         free = free & ~jnp.any(jax.nn.one_hot(idx_r, m, dtype=jnp.bool_) & valid_r[..., None], axis=-2)
     if cfg.top_k:
         est = ESTIMATORS.get(cfg.estimator).fn
-        scores = est(jax.lax.stop_gradient(q_est), jax.lax.stop_gradient(kb), kmask_b, allowed, cfg=cfg, rng=rng_est)
+        scores = est(jax.lax.stop_gradient(q_est), jax.lax.stop_gradient(kb), kmask_b, allowed, cfg=cfg, rng=rng)
         idx_t, valid_t = _top(jnp.where(free, jax.lax.stop_gradient(scores), NEG_INF), cfg.top_k)
         idx_list.append(idx_t)
         valid_list.append(valid_t)
