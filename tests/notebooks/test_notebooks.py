@@ -4,7 +4,8 @@ The kernel is the one of the interpreter running pytest (jupyter_client maps the
 `python` to `sys.executable`), started in the repository root. Its environment drops the 8 fake
 devices that tests/conftest.py asks for: the notebooks show single-device runs, and 8 devices
 would only slow their compilation. Compiled programs go to the JAX cache the trainer tests share,
-so a second `make test` compiles less.
+so a second `make test` compiles less. What a notebook writes (its tempfile.mkdtemp() work
+directory) lands in the test's tmp_path.
 """
 
 import os
@@ -27,14 +28,14 @@ def test_the_four_notebooks_exist():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path_factory):
+def test_notebook_runs(path, tmp_path, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp().parent / "jax_cache"
     cache.mkdir(exist_ok=True)
     env = dict(os.environ)
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               MPLBACKEND="Agg", TQDM_DISABLE="1")
+               MPLBACKEND="Agg", TQDM_DISABLE="1", TMPDIR=str(tmp_path))  # run dirs land in pytest's tmp
     env.pop("PYTEST_XDIST_WORKER", None)
     nb = jupytext.read(path)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
