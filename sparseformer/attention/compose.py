@@ -156,7 +156,9 @@ def attend(
     else:
         out = rule.fn(branches, gates)
 
-    n_global_rows = sel_cfg.global_blocks * sel_cfg.block_size if (sel_cfg.enabled and sel_cfg.global_queries) else 0
+    # causal global rows (the first blocks) already see their whole past through the window
+    global_rows = sel_cfg.enabled and sel_cfg.global_queries and not causal
+    n_global_rows = sel_cfg.global_blocks * sel_cfg.block_size if global_rows else 0
     n_global_rows = min(n_global_rows, Tq)
     if n_global_rows and query_block is None:  # BigBird's global queries see every key
         out_g, _ = dense_attention(qh[:, :, :n_global_rows], kh, vh, kv_mask=kv_mask)

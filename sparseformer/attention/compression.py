@@ -52,14 +52,32 @@ def _expand_blocks(block_mask_BHRm: jax.Array, S: int) -> jax.Array:
 
 
 def _pool_summaries(k, v, kv_mask, p):
+    """Mean key and value of each chunk of `p` keys, the count of real keys, and the keys'
+    variance around their mean (averaged over dimensions): `[B, H, nc, D]` x 2, `[B|1, 1, nc]`,
+    `[B, H, nc]`."""
     B, H, S, D = k.shape
-    kc, vc = k.reshape(B, H, S // p, p, D), v.reshape(B, H, S // p, p, D)
+    kc, vc = k.reshape(B, H, S // p, p, D).astype(jnp.float32), v.reshape(B, H, S // p, p, D)
     if kv_mask is None:
-        return jnp.mean(kc, 3), jnp.mean(vc, 3), jnp.full((1, 1, S // p), float(p))
-    w = kv_mask.reshape(B, 1, S // p, p, 1).astype(k.dtype)
+        k_mean = jnp.mean(kc, 3)
+        var = jnp.mean(jnp.square(kc - k_mean[:, :, :, None]), axis=(3, 4))
+        return k_mean, jnp.mean(vc, 3), jnp.full((1, 1, S // p), float(p)), var
+    w = kv_mask.reshape(B, 1, S // p, p, 1).astype(jnp.float32)
     cnt = jnp.sum(w, axis=3)  # [B, 1, nc, 1]
     safe = jnp.maximum(cnt, 1.0)
-    return jnp.sum(kc * w, 3) / safe, jnp.sum(vc * w, 3) / safe, cnt[..., 0].astype(jnp.float32)
+    k_mean = jnp.sum(kc * w, 3) / safe
+    var = jnp.sum(jnp.square(kc - k_mean[:, :, :, None]) * w, axis=(3, 4)) / (safe[..., 0] * D)
+    return k_mean, jnp.sum(vc * w, 3) / safe, cnt[..., 0].astype(jnp.float32), var
+
+
+def _pool_logits(q, k_mean, var, moments: bool):
+    """Per-key log-weight a summary stands for: `q . mean`, plus, with moments, the log-normal
+    correction `|q|^2 var / 2` (E exp(q.k) = exp(q.mean + q^T Cov q / 2) for Gaussian keys,
+    with an isotropic covariance), so a block of spread-out keys is not undercounted."""
+    s = jnp.einsum("bhtd,bhcd->bhtc", q, k_mean.astype(q.dtype), preferred_element_type=jnp.float32)
+    if moments:
+        q2 = jnp.sum(jnp.square(q.astype(jnp.float32)), -1)
+        s = s + 0.5 * q2[..., None] * var[:, :, None, :]
+    return s
 
 
 def _pool_chunk_mask(q_pos, cnt, p, *, causal, sel: Selection | None):
@@ -80,17 +98,17 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
     """One summary token per key block (mean key, mean value), with `log(count)` added to its
     logit so that one token stands for the block's keys. Exact when blocks are one token."""
     p = pool_block_size(config)
-    k_sum, v_sum, cnt = _pool_summaries(k, v, kv_mask, p)
-    s = jnp.einsum("bhtd,bhcd->bhtc", q, k_sum, preferred_element_type=jnp.float32)
-    s = s + jnp.log(jnp.maximum(cnt, 1.0))[:, :, None, :]
+    moments = config.compression.pool_moments
+    k_mean, v_mean, cnt, var = _pool_summaries(k, v, kv_mask, p)
+    s = _pool_logits(q, k_mean, var, moments) + jnp.log(jnp.maximum(cnt, 1.0))[:, :, None, :]
     mask = _pool_chunk_mask(q_pos, cnt, p, causal=causal, sel=sel)
-    out, lse = masked_softmax(s, mask, v_sum, "bhtc,bhcd->bhtd")
-    return Branch.from_softmax(out, lse), dict(k_sum=k_sum, cnt=cnt, p=p)
+    out, lse = masked_softmax(s, mask, v_mean, "bhtc,bhcd->bhtd")
+    return Branch.from_softmax(out, lse), dict(k_mean=k_mean, var=var, cnt=cnt, p=p, moments=moments)
 
 
 def _pool_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
     p, cnt = state["p"], state["cnt"]
-    s = jnp.einsum("bhrd,bhcd->bhrc", q_rows, state["k_sum"], preferred_element_type=jnp.float32)
+    s = _pool_logits(q_rows, state["k_mean"], state["var"], state["moments"])
     mask = _pool_chunk_mask(t_rows, cnt, p, causal=causal, sel=None)
     logw = jnp.repeat(jnp.where(mask, s, LOG0), p, axis=-1)  # each key carries its chunk's mean score
     keys = _row_key_mask(t_rows, logw.shape[-1], causal=False, kv_mask=kv_mask, excluded_keys=excluded)

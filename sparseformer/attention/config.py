@@ -22,9 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.selection = ml_collections.ConfigDict()
     c.selection.enabled = False  # compute chosen query-key blocks exactly
     c.selection.block_size = 64  # tokens per query block and per key block
-    c.selection.window = 1  # key blocks on each side of the query block (causal: past side only)
+    c.selection.window = 1  # key blocks on each side of the query block (causal: past side only; at the edges it slides inwards)
     c.selection.global_blocks = 0  # the first key blocks, seen by every query block
-    c.selection.global_queries = False  # the first `global_blocks` query blocks see every key (BigBird)
+    c.selection.global_queries = False  # the first `global_blocks` query blocks see every key (BigBird; bidirectional only: causal rows see their past anyway)
     c.selection.random_blocks = 0  # key blocks drawn at random per query block and head
     c.selection.top_k = 0  # key blocks ranked by the importance estimate
     c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, sampled, oracle
@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.compression.kind = "pool"  # pool, performer, nystrom, linformer
     c.compression.rank = 64  # performer features, nystrom landmarks, linformer projected length
     c.compression.block_size = 0  # pool: tokens per summary token (0 = selection.block_size)
+    c.compression.pool_moments = False  # pool: add |q|^2 var/2 so spread-out blocks are not undercounted
     c.compression.pinv_iters = 6  # nystrom: Newton-Schulz iterations of the pseudo-inverse
 
     c.correction = ml_collections.ConfigDict()
@@ -61,6 +62,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "compression.kind": str,
     "compression.rank": int,
     "compression.block_size": int,
+    "compression.pool_moments": bool,
     "compression.pinv_iters": int,
     "correction.enabled": bool,
     "correction.merge": str,
@@ -198,8 +200,6 @@ def validate(
                     sel.top_k,
                     f"top_k + random_blocks must be at most {available} (blocks left after window and global)",
                 )
-        if sel.global_queries and causal:
-            raise _err("selection.global_queries", True, "only bidirectional attention has global queries")
         est = ESTIMATORS.get(sel.estimator)
         if sel.top_k and causal and not est.supports_causal:
             raise _err("selection.estimator", sel.estimator, f"causal calls need one of {_causal_names(ESTIMATORS)}")

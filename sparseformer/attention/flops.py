@@ -31,6 +31,7 @@ def _reg(registry, name, fn):
 
 # estimator counts: f(config, B, H, T, S, D) for the top-k scores
 _reg(ESTIMATORS, "pooled", lambda c, B, H, T, S, D: 2 * B * H * (T // c.selection.block_size) * (S // c.selection.block_size) * D)
+_reg(ESTIMATORS, "maxkey", lambda c, B, H, T, S, D: 2 * B * H * (T // c.selection.block_size) * S * D)
 _reg(ESTIMATORS, "bound", lambda c, B, H, T, S, D: 4 * B * H * T * (S // c.selection.block_size) * D)
 _reg(ESTIMATORS, "sampled", lambda c, B, H, T, S, D: 2 * B * H * (T // c.selection.block_size) * min(c.selection.sample_rows, c.selection.block_size) * S * D)
 _reg(ESTIMATORS, "oracle", lambda c, B, H, T, S, D: 2 * B * H * T * S * D)

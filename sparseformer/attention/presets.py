@@ -10,7 +10,7 @@
 | nystrom      | off                                  | nystrom     | off                                 |
 | scatterbrain | window                               | performer   | exclusion + merge                   |
 | nsa          | window + global + top-k (pooled)     | pool        | gated sum (NSA's merge) + gates     |
-| rsa          | window + global + top-k (bound)      | pool        | exclusion + merge + regulariser     |
+| rsa          | window + global + top-k (maxkey)     | pool (+moments) | exclusion + merge + regulariser |
 
 Budgets are in blocks of `selection.block_size` (64): `bigbird`, `nsa` and `rsa` all compute
 8 key blocks per query block exactly (BigBird: 3 window + 2 global + 3 random, as in its paper).
@@ -60,11 +60,11 @@ _PRESETS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         },
     ),
     "rsa": (
-        "robust sparse attention: window + global + top-k (bound) + pooled rest, "
+        "robust sparse attention: window + global + top-k (maxkey) + moment-matched pooled rest, "
         "exclusion, one normaliser, KL regulariser (this project)",
         {
-            _SEL: dict(enabled=True, window=1, global_blocks=1, top_k=4, estimator="bound"),
-            _COMP: dict(enabled=True, kind="pool"),
+            _SEL: dict(enabled=True, window=1, global_blocks=1, top_k=4, estimator="maxkey"),
+            _COMP: dict(enabled=True, kind="pool", pool_moments=True),
             _CORR: dict(enabled=True, merge="lse", exclusion=True, aux_weight=0.1, aux_rows=16),
         },
     ),
@@ -116,7 +116,7 @@ def components(config: ml_collections.ConfigDict) -> dict[str, str]:
     return {
         "selection": ", ".join(parts) + (f"; blocks of {sel.block_size}" if parts else "") or "off",
         "compression": f"{comp.kind} (rank {comp.rank})" if comp.enabled and comp.kind != "pool" else
-        ("pool" if comp.enabled else "off"),
+        (("pool + moments" if comp.pool_moments else "pool") if comp.enabled else "off"),
         "correction": correction,
     }
 

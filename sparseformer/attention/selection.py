@@ -96,6 +96,21 @@ def bound_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
     return jnp.max(upper, axis=3)
 
 
+@ESTIMATORS.register("maxkey", exact_when_full=True)
+def maxkey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+    """The score of each block's best key for the query block's mean query.
+
+    Exact per key, so a lone strong key is neither averaged away (as in `pooled`) nor drowned
+    by a loose bound (`bound` is safe, but per-dimension extremes of 64 random keys in 64
+    dimensions make every block look alike). One matmul of the `n` mean queries with all keys.
+    """
+    q_mean = jnp.mean(qb, axis=3)  # [B, H, n, D]
+    s = jnp.einsum("bhnd,bhmkd->bhnmk", q_mean, kb, preferred_element_type=jnp.float32)
+    if kmask_b is not None:  # a padded key is never a block's best key
+        s = jnp.where(kmask_b[:, None, None], s, LOG0)
+    return jnp.max(s, axis=-1)
+
+
 def _block_mass(s_BHnrS: jax.Array, kmask_b, allowed, m: int) -> jax.Array:
     """log attention mass per key block, summed over the sampled rows: `[B, H, n, m]`."""
     B, H, n, r, S = s_BHnrS.shape
@@ -144,11 +159,15 @@ def _static_slots(qids: jax.Array, m: int, cfg: ml_collections.ConfigDict, causa
         idx = jnp.broadcast_to(jnp.arange(m)[None, :], (qids.shape[0], m))
         valid = idx <= qids[:, None] if causal else jnp.ones_like(idx, dtype=bool)
         return idx.astype(jnp.int32), valid
-    offsets = jnp.arange(-w, 1 if causal else w + 1)
-    w_idx = qids[:, None] + offsets[None, :]
-    w_valid = (w_idx >= 0) & (w_idx < m)
+    if causal:
+        w_idx = qids[:, None] + jnp.arange(-w, 1)[None, :]
+        w_valid = w_idx >= 0
+    else:  # at the edges the window slides inwards, so every query block computes 2w + 1 blocks
+        start = jnp.clip(qids - w, 0, m - (2 * w + 1))
+        w_idx = start[:, None] + jnp.arange(2 * w + 1)[None, :]
+        w_valid = jnp.ones(w_idx.shape, bool)
     g_idx = jnp.broadcast_to(jnp.arange(g)[None, :], (qids.shape[0], g))
-    in_window = (g_idx >= qids[:, None] - w) & (g_idx <= qids[:, None] + (0 if causal else w))
+    in_window = (g_idx >= w_idx[:, :1]) & (g_idx <= w_idx[:, -1:])
     g_valid = ~in_window & ((g_idx <= qids[:, None]) if causal else True)
     idx = jnp.concatenate([jnp.clip(w_idx, 0, m - 1), g_idx], axis=1).astype(jnp.int32)
     return idx, jnp.concatenate([w_valid, g_valid], axis=1)

@@ -122,6 +122,36 @@ def _needle_case(D=32, T_=256):
     return jnp.asarray(q), jnp.asarray(k), needle_block, b
 
 
+def _top1(q, k, b, est):
+    c = default_config().selection
+    c.update(enabled=True, block_size=b, window=1, top_k=1, estimator=est)
+    qb, kb = to_blocks(jnp.swapaxes(q, 1, 2), b), to_blocks(jnp.swapaxes(k, 1, 2), b)
+    sel = choose_blocks(qb, kb, None, jnp.arange(qb.shape[2]), num_query_blocks=qb.shape[2],
+                        cfg=c, causal=False, rng=jax.random.key(0))
+    return np.asarray(sel.idx[0, :, 0, -1])  # every head's top-1 block for query block 0
+
+
+def test_maxkey_finds_needles_of_ordinary_norm_that_bound_and_pooled_miss():
+    """Why `rsa` ranks blocks with `maxkey`: at D=64 with 64 keys a block, the per-dimension
+    extremes behind `bound` look alike in every block, so a needle whose norm is that of an
+    ordinary key (it only points the right way) does not stand out; its exact score does."""
+    rng = np.random.default_rng(1)
+    b, T, D, H = 64, 1024, 64, 4
+    q = rng.normal(size=(1, T, H, D)).astype(np.float32) / np.sqrt(D)
+    k = rng.normal(size=(1, T, H, D)).astype(np.float32)
+    needle = 11
+    for h in range(H):  # block 0's queries share a direction; one key far away points that way
+        direction = rng.normal(size=D)
+        direction /= np.linalg.norm(direction)
+        q[0, :b, h] += 1.0 * direction
+        k[0, needle * b + 7, h] = np.sqrt(D) * direction
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    assert (_top1(q, k, b, "maxkey") == needle).all()
+    assert (_top1(q, k, b, "oracle") == needle).all()
+    assert (_top1(q, k, b, "bound") != needle).any()
+    assert (_top1(q, k, b, "pooled") != needle).any()
+
+
 def test_bound_estimator_finds_a_planted_needle_that_pooled_misses():
     q, k, needle, b = _needle_case()
     picks = {}

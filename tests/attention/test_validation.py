@@ -25,7 +25,6 @@ CASES = [
     (_cfg(selection=dict(enabled=True), compression=dict(enabled=True, kind="linformer"), correction=dict(enabled=True, exclusion=True)), {}, "correction.exclusion: True is not allowed; compression 'linformer' cannot exclude"),
     (_cfg(correction=dict(aux_weight=0.5, aux_rows=0)), {}, "correction.aux_rows: 0 is not allowed"),
     (_cfg(correction=dict(gate=True)), {}, "correction.gate: True is not allowed; gates need correction.enabled=True"),
-    (_cfg(selection=dict(enabled=True, global_blocks=1, global_queries=True)), dict(causal=True), "selection.global_queries"),
     (_cfg(selection=dict(enabled=True, window=-1)), {}, "selection.window: -1"),
 ]
 
@@ -60,7 +59,7 @@ def test_every_preset_validates_at_its_default_budget(name):
         for _ in [0]
     )
     validate(presets.get(name), causal=False, seq_len=4096)
-    if causal_ok and not presets.get(name).selection.global_queries:
+    if causal_ok:
         validate(presets.get(name), causal=True, seq_len=4096)
 
 
