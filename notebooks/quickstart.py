@@ -122,13 +122,12 @@ for r in rows:
 
 # %% [markdown]
 # What to read:
-# - **error**: `local` misses the far keys (needle error near 1). `rsa`'s default `bound`
-#   estimator ranks a key block by the highest score any of its keys *could* reach (from the
-#   elementwise min and max of the block's keys); with 64-dimensional Gaussian keys those
-#   extremes are about the same in every block, so on these needles it ranks blocks almost at
-#   random and misses them too. `extend_a_variant.py` writes, in one function, an estimator
-#   that finds them. On peaky inputs no sparse method is close: computing 8 of 16 key blocks
-#   exactly cannot be, when every row spreads its mass everywhere.
+# - **error**: `local` misses the far keys (needle error near 1). `rsa` ranks key blocks with
+#   `maxkey` (each block's best key for the query block's mean query), so the blocks holding the
+#   needles are among the 8 it computes exactly, and its moment-matched pooled summaries carry
+#   the rest: its needle error is a few percent. On peaky inputs no sparse method is close:
+#   computing 8 of 16 key blocks exactly cannot be, when every row spreads its mass everywhere;
+#   the pooled rest is what keeps `rsa` below `local` there.
 # - **memory**: the block-sparse kernel never forms a `T x S` matrix, so training memory is a
 #   fraction of dense attention's at any length.
 # - **time**: at 1K tokens dense attention on a CPU is still cheap; the gap opens with the

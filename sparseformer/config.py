@@ -22,12 +22,12 @@ import ml_collections
 
 from sparseformer import attention as attention_lib
 from sparseformer.attention import presets
+from sparseformer.models.encoder import POOLINGS
 from sparseformer.sweep import expand
 
 SCALES = ("tiny", "small", "paper")
 ARG_KEYS = {"attention": "rsa", "scale": "small", "seed": "0"}  # config argument keys and their defaults
 POSITIONS = ("learned", "sinusoidal")
-POOLINGS = ("mean", "cls")
 DTYPES = ("float32", "bfloat16")
 PARAM_DTYPES = ("float32",)
 CROSS_ATTENTION = ("dense", "same")

@@ -12,11 +12,12 @@ from flax import nnx
 
 from sparseformer.models.layers import Aux, Dense, Embed, Stack, finish_aux, param
 
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "last")
 
 
 class Encoder(nnx.Module):
-    """Embeddings, positions, bidirectional pre-norm blocks and pooling (`mean` or `cls`).
+    """Embeddings, positions, bidirectional pre-norm blocks and pooling (`mean`, `cls`, or `last`:
+    the last unpadded token, where tasks that ask their question at the end put it).
 
     With `cls` pooling a learned token is put in front of the sequence, so the blocks see
     `max_len + 1` positions (the attention core pads to its block multiple under the mask).
@@ -45,6 +46,9 @@ class Encoder(nnx.Module):
         x_BLE, aux = self.stack.run(x_BLE, mask_BL=mask_BL, rng=rng, train=train)
         if self.cls is not None:
             return x_BLE[:, 0], aux
+        if self.pooling == "last":
+            last_B = jnp.maximum(jnp.sum(mask_BL, 1) - 1, 0)
+            return jnp.take_along_axis(x_BLE, last_B[:, None, None], axis=1)[:, 0], aux
         w_BL1 = mask_BL[..., None].astype(x_BLE.dtype)
         return jnp.sum(x_BLE * w_BL1, 1) / jnp.maximum(jnp.sum(w_BL1, 1), 1.0), aux
 

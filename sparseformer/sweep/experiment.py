@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sparseformer.sweep import expand, launch
 from sparseformer.sweep.report import make_report
@@ -58,9 +60,26 @@ def parser(exp: Experiment) -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="local", choices=launch.LAUNCHERS)
     p.add_argument("--bench", action="append", default=None,
                    help="benchmark JSON to build the table from (layout 2) instead of training runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override added to every run (repeatable), e.g. --set=num_train_steps=200")
     p.add_argument("--dry_run", action="store_true", help="print the runs; run nothing, write nothing")
     p.add_argument("--table_only", action="store_true", help="skip the sweep: tabulate what is in WORKDIR")
     return p
+
+
+def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
+    """`["num_train_steps=200", "optimizer.learning_rate=2e-3"]` -> overrides (Python literals
+    where they parse, strings otherwise)."""
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: {item!r} is not KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def main(exp: Experiment, argv: Sequence[str] | None = None, *,
@@ -81,9 +100,11 @@ def main(exp: Experiment, argv: Sequence[str] | None = None, *,
             spec = f"{args.config_dir}/{task}.py:scale={args.scale}"
             try:
                 runs = expand.expand_runs(spec, exp.sweep, seeds)
+                extra = parse_settings(args.set)
             except (ValueError, FileNotFoundError) as e:
                 print(f"{task}: {e}", file=sys.stderr)
                 return 2
+            runs = [dataclasses.replace(r, overrides={**r.overrides, **extra}) for r in runs]
             if args.dry_run:
                 print(launch.describe(runs, workdir / task))
                 continue

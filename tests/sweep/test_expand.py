@@ -120,3 +120,12 @@ def test_expand_runs_from_a_config_file():
         expand.expand_runs(f"{FAKE_CONFIG}:scale=tiny", "nope", 1)
     with pytest.raises(FileNotFoundError):
         expand.expand_runs("configs/does_not_exist.py:", "ablation", 1)
+
+
+def test_experiment_settings_parse_literals_and_refuse_malformed_items():
+    from sparseformer.sweep.experiment import parse_settings
+
+    assert parse_settings(["num_train_steps=200", "optimizer.learning_rate=2e-3", "model.pooling=last"]) == {
+        "num_train_steps": 200, "optimizer.learning_rate": 0.002, "model.pooling": "last"}
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        parse_settings(["num_train_steps"])
