@@ -56,28 +56,33 @@ def _pool_summaries(k, v, kv_mask, p):
     variance around their mean (averaged over dimensions): `[B, H, nc, D]` x 2, `[B|1, 1, nc]`,
     `[B, H, nc]`."""
     B, H, S, D = k.shape
-    kc, vc = k.reshape(B, H, S // p, p, D).astype(jnp.float32), v.reshape(B, H, S // p, p, D)
+    kc, vc = k.reshape(B, H, S // p, p, D), v.reshape(B, H, S // p, p, D)
     if kv_mask is None:
-        k_mean = jnp.mean(kc, 3)
-        var = jnp.mean(jnp.square(kc - k_mean[:, :, :, None]), axis=(3, 4))
-        return k_mean, jnp.mean(vc, 3), jnp.full((1, 1, S // p), float(p)), var
-    w = kv_mask.reshape(B, 1, S // p, p, 1).astype(jnp.float32)
-    cnt = jnp.sum(w, axis=3)  # [B, 1, nc, 1]
-    safe = jnp.maximum(cnt, 1.0)
-    k_mean = jnp.sum(kc * w, 3) / safe
-    var = jnp.sum(jnp.square(kc - k_mean[:, :, :, None]) * w, axis=(3, 4)) / (safe[..., 0] * D)
-    return k_mean, jnp.sum(vc * w, 3) / safe, cnt[..., 0].astype(jnp.float32), var
+        k_mean = jnp.mean(kc, 3, dtype=jnp.float32)
+        k_sq = jnp.mean(jnp.square(kc.astype(jnp.float32)), (3, 4))
+        cnt, v_mean = jnp.full((1, 1, S // p), float(p)), jnp.mean(vc, 3)
+    else:
+        w = kv_mask.reshape(B, 1, S // p, p, 1).astype(jnp.float32)
+        cnt = jnp.sum(w, axis=3)[..., 0]  # [B, 1, nc]
+        safe = jnp.maximum(cnt, 1.0)[..., None]
+        k_mean = jnp.sum(kc * w, 3) / safe
+        k_sq = jnp.sum(jnp.square(kc.astype(jnp.float32)) * w, (3, 4)) / (safe[..., 0] * D)
+        v_mean = jnp.sum(vc * w, 3) / safe
+    var = jnp.maximum(k_sq - jnp.mean(jnp.square(k_mean), -1), 0.0)  # E[k^2] - E[k]^2
+    return k_mean, v_mean, cnt, var
 
 
 def _pool_logits(q, k_mean, var, moments: bool):
     """Per-key log-weight a summary stands for: `q . mean`, plus, with moments, the log-normal
     correction `|q|^2 var / 2` (E exp(q.k) = exp(q.mean + q^T Cov q / 2) for Gaussian keys,
-    with an isotropic covariance), so a block of spread-out keys is not undercounted."""
-    s = jnp.einsum("bhtd,bhcd->bhtc", q, k_mean.astype(q.dtype), preferred_element_type=jnp.float32)
+    with an isotropic covariance), so a block of spread-out keys is not undercounted. The
+    correction rides in the same matmul as one more feature (`[q, |q|^2/2] . [mean, var]`),
+    so it costs no `T x nc` temporary of its own."""
+    q = q.astype(jnp.float32)
     if moments:
-        q2 = jnp.sum(jnp.square(q.astype(jnp.float32)), -1)
-        s = s + 0.5 * q2[..., None] * var[:, :, None, :]
-    return s
+        q = jnp.concatenate([q, 0.5 * jnp.sum(jnp.square(q), -1, keepdims=True)], -1)
+        k_mean = jnp.concatenate([k_mean, var[..., None]], -1)
+    return jnp.einsum("bhtd,bhcd->bhtc", q, k_mean.astype(jnp.float32))
 
 
 def _pool_chunk_mask(q_pos, cnt, p, *, causal, sel: Selection | None):
