@@ -32,7 +32,6 @@
 SCALE = "tiny"  # "tiny" | "small" | "paper"
 
 # %%
-import os
 import sys
 import tempfile
 import time
@@ -115,8 +114,8 @@ for name, f in methods.items():
                  "MB": (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20})
 
 print(f"length {LENGTH}, B={B}, H={H}, D={D}, float32, {jax.default_backend()}")
-print(f"| method | error (peaky) | error (needle) | forward ms | fwd+bwd compiled MB |")
-print(f"| --- | ---: | ---: | ---: | ---: |")
+print("| method | error (peaky) | error (needle) | forward ms | fwd+bwd compiled MB |")
+print("| --- | ---: | ---: | ---: | ---: |")
 for r in rows:
     print(f"| {r['method']} | {r['peaky']:.3f} | {r['needle']:.3f} | {r['ms']:.1f} | {r['MB']:.1f} |")
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from sparseformer.data.base import NUM_SPECIAL, Example, data_config, ids_until_eos, register_task
 from sparseformer.data.builtin import BuiltinBuilder, BuiltinTask, default_builder_configs, int_sequence, split_sizes
