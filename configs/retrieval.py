@@ -3,7 +3,8 @@
     sparseformer train --config=configs/retrieval.py:attention=rsa,scale=small,seed=0 --workdir=runs/retrieval
     sparseformer sweep --config=configs/retrieval.py:scale=small --sweep=ablation --seeds=2
 
-`paper` follows LRA's retrieval sizes: 4 layers, 4 heads, width 128, MLP 512, 4096 tokens.
+`paper` follows LRA's retrieval sizes: 4 layers, 4 heads, width 128, MLP 512, 4096 tokens. The
+classifier reads the last token (`model.pooling = "last"`), where the query is.
 Local windows and fixed blocks cannot reach the answer; selection by content can.
 """
 
@@ -11,18 +12,19 @@ from sparseformer.config import TINY, base_config, sweeps
 
 SCALES = {
     "tiny": {**TINY},
-    "small": {  # length 1024 in blocks of 64: 16 key blocks, rsa computes 8 of them exactly
-        "batch_size": 32, "num_train_steps": 300, "log_every_steps": 50, "eval_every_steps": 300,
-        "checkpoint_every_steps": 300, "num_eval_batches": -1,
+    "small": {  # 256 tokens in blocks of 16: 16 key blocks, rsa computes 8 of them exactly
+        "batch_size": 32, "num_train_steps": 600, "log_every_steps": 50, "eval_every_steps": 600,
+        "checkpoint_every_steps": 600, "num_eval_batches": -1, "data.max_len": 256,
         "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 2, "model.emb_dim": 64,
-        "model.mlp_dim": 128, "model.dropout_rate": 0.0,
-        "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 30,
-        "model.attention.selection.block_size": 64, "model.attention.compression.rank": 64,
+        "model.mlp_dim": 128, "model.dropout_rate": 0.0, "model.pooling": "last",
+        "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 30,
+        "model.attention.selection.block_size": 16, "model.attention.compression.rank": 32,
     },
     "paper": {
         "batch_size": 32, "num_train_steps": 5000, "eval_every_steps": 1000, "checkpoint_every_steps": 1000,
         "model.num_layers": 4, "model.num_heads": 4, "model.num_kv_heads": 4, "model.emb_dim": 128,
         "model.mlp_dim": 512, "optimizer.learning_rate": 5e-4, "optimizer.warmup_steps": 1000,
+        "model.pooling": "last",  # the query is the last token
     },
 }
 
