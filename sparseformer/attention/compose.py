@@ -98,9 +98,8 @@ def attend(
             f"sparseformer.attention.init_params and pass params=...)"
         )
     fixed = rng is None
+    # one key for all: each consumer hashes it with its own stream number (attention.rand)
     rng = jax.random.key(0) if rng is None else rng
-    # each consumer hashes the key with its own stream number (sparseformer.attention.rand)
-    rng_sel = rng_comp = rng_aux = rng
 
     # head-major layout, scale folded into q, lengths padded to the block multiple
     mult = block_multiple(config, causal=causal)
@@ -133,7 +132,7 @@ def attend(
         else:
             q_est = qb
         selection = choose_blocks(
-            q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng_sel
+            q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng
         )
         out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, selection.idx, selection.valid, kmask_b, qids)
         branches.append(Branch.from_softmax(out_b.reshape(B, H, Tq, D), lse_b.reshape(B, H, Tq)))
@@ -143,7 +142,7 @@ def attend(
     if comp_cfg.enabled:
         comp = COMPRESSIONS.get(comp_cfg.kind)
         branch, comp_state = comp.fn(
-            q_used, kh, vh, kv_mask, q_pos=q_pos, causal=causal, config=config, params=params, rng=rng_comp, sel=exclude
+            q_used, kh, vh, kv_mask, q_pos=q_pos, causal=causal, config=config, params=params, rng=rng, sel=exclude
         )
         branches.append(branch)
 
@@ -168,7 +167,7 @@ def attend(
     if corr.aux_rows > 0 and query_block is None and branches:
         kl = _fidelity(
             qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config,
-            causal=causal, rng=None if fixed else rng_aux, n_global_rows=n_global_rows,
+            causal=causal, rng=None if fixed else rng, n_global_rows=n_global_rows,
         )
         aux = {"aux_loss": corr.aux_weight * kl, "fidelity": jax.lax.stop_gradient(kl)}
 
