@@ -200,6 +200,16 @@ class _Runtime:
         return out
 
 
+
+def _restore_latest(rt: "_Runtime", workdir: Path):
+    """`(step, state)` of the latest readable checkpoint of a run directory, placed as `rt`'s
+    plan says, or None (used for evaluating a run and for loading a distillation teacher)."""
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=int(rt.config.max_checkpoints_to_keep))
+    try:
+        return ckpt.restore_latest(rt.plan.abstract.as_dict())
+    finally:
+        ckpt.close()
+
 def _restore_teacher(config: ml_collections.ConfigDict, comps: Components, mesh: jax.sharding.Mesh) -> tuple[Any, Any, Any]:
     """`(graphdef, (params, extra), shardings)` of the teacher's latest checkpoint."""
     tdir = Path(config.distill.teacher_workdir)
@@ -207,11 +217,7 @@ def _restore_teacher(config: ml_collections.ConfigDict, comps: Components, mesh:
     if tconfig.task != config.task:
         raise ValueError(f"distill.teacher_workdir: the teacher was trained on {tconfig.task!r}, not {config.task!r}")
     rt = _Runtime(tconfig, comps, mesh)
-    ckpt = checkpoint_lib.Checkpointer(tdir / "checkpoints", max_to_keep=int(tconfig.max_checkpoints_to_keep))
-    try:
-        found = ckpt.restore_latest(rt.plan.abstract.as_dict())
-    finally:
-        ckpt.close()
+    found = _restore_latest(rt, tdir)
     if found is None:
         raise ValueError(f"distill.teacher_workdir: no readable checkpoint in {tdir / 'checkpoints'}")
     state = found[1]
@@ -423,11 +429,7 @@ def evaluate_workdir(
     components = components or default_components(config)
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model, devices)
     rt = _Runtime(config, components, mesh)
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=int(config.max_checkpoints_to_keep))
-    try:
-        found = ckpt.restore_latest(rt.plan.abstract.as_dict())
-    finally:
-        ckpt.close()
+    found = _restore_latest(rt, workdir)
     if found is None:
         raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
     results = rt.task_metrics(TrainState(**found[1]), split)
