@@ -17,13 +17,15 @@ Record = dict[str, Any]
 
 
 def add_ratios(results: list[Record]) -> None:
-    """Add `speedup_vs_dense`, `compiled_vs_dense` and `peak_rss_vs_dense` from this run's dense rows."""
+    """Add `speedup_vs_dense`, `compiled_vs_dense`, `peak_rss_vs_dense` and `peak_device_vs_dense`
+    from this run's dense rows."""
     dense = {(r["length"], r["pass"]): r for r in results if r["preset"] == BASELINE}
     for r in results:
         d = dense.get((r["length"], r["pass"]))
         r["speedup_vs_dense"] = _ratio(d and d["median_ms"], r["median_ms"])
         r["compiled_vs_dense"] = _ratio(r["compiled_bytes"], d and d["compiled_bytes"])
         r["peak_rss_vs_dense"] = _ratio(r["peak_rss_bytes"], d and d["peak_rss_bytes"])
+        r["peak_device_vs_dense"] = _ratio(r.get("peak_device_bytes"), d and d.get("peak_device_bytes"))
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -86,7 +88,7 @@ def _cell_time(r: Record | None) -> str:
 def _cell_mem(key: str, ratio_key: str) -> Callable[[Record | None], str]:
     def cell(r: Record | None) -> str:
         if r is None or r.get(key) is None:
-            return "skipped" if r is not None and r.get("skipped") and key == "peak_rss_bytes" else ""
+            return "skipped" if r is not None and r.get("skipped") and key.startswith("peak_") else ""
         ratio = "" if r["preset"] == BASELINE or r.get(ratio_key) is None else f" ({r[ratio_key]:.3f})"
         return _mb(r[key]) + ratio
 
@@ -122,6 +124,7 @@ SECTIONS: list[tuple[str, Callable[[Record | None], str]]] = [
     ("Median time, ms (speed-up vs dense)", _cell_time),
     ("XLA compiled memory, temp + output, MB (fraction of dense)", _cell_mem("compiled_bytes", "compiled_vs_dense")),
     ("Peak RSS growth of a fresh process running the case, MB (fraction of dense)", _cell_mem("peak_rss_bytes", "peak_rss_vs_dense")),
+    ("Peak device memory of a fresh process running the case (GPU `peak_bytes_in_use`), MB (fraction of dense)", _cell_mem("peak_device_bytes", "peak_device_vs_dense")),
     ("Achieved GFLOP/s: all counted FLOPs / the exactly computed pairs' FLOPs", _cell_flops),
 ]
 
@@ -143,7 +146,9 @@ def markdown(bench: dict[str, Any], *, command: str | None = None) -> str:
     for pass_name in [p for p in PASS_TITLES if any(r["pass"] == p for r in results)]:
         lines += [f"## {PASS_TITLES[pass_name]}", ""]
         for title, cell in SECTIONS:
-            lines += [f"### {title}", "", *_table(results, pass_name, cell), ""]
+            table = _table(results, pass_name, cell)
+            if any(cell(r) for r in results if r["pass"] == pass_name):  # e.g. no probe ran: no empty table
+                lines += [f"### {title}", "", *table, ""]
     lines += [
         "## Fidelity: relative error vs exact float32 attention, peaky / needle inputs (forward output)", "",
         *_table(results, "fwd", _cell_error), "",

@@ -96,6 +96,21 @@ def test_ratio_of_a_skipped_dense_is_none() -> None:
     assert rows[1]["speedup_vs_dense"] is None and rows[1]["compiled_vs_dense"] == 0.05
 
 
+def test_gpu_report_shows_device_peak_and_no_empty_rss_table() -> None:
+    # On a GPU the probe reports the device's peak bytes and no RSS; the report must show the former.
+    base = {"length": 8, "pass": "fwd", "compiled_bytes": 100, "peak_rss_bytes": None, "flops": None}
+    rows = [
+        dict(base, preset="dense", median_ms=1.0, peak_device_bytes=2 * 2**20),
+        dict(base, preset="rsa", median_ms=0.5, peak_device_bytes=2**20),
+    ]
+    bench = {"results": rows, "machine": {}, "options": {}}
+    report.add_ratios(rows)
+    md = report.markdown(bench)
+    assert rows[1]["peak_device_vs_dense"] == 0.5
+    assert "| rsa | 1.0 (0.500) |" in md.split("Peak device memory")[1]
+    assert "Peak RSS growth" not in md
+
+
 def test_quick_and_explicit_flags() -> None:
     quick = cli.options_dict(["--quick", "--out=x"])
     assert quick["lengths"] == cli.QUICK["lengths"] and quick["repeats"] == cli.QUICK["repeats"]
