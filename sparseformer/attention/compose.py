@@ -10,11 +10,17 @@ import ml_collections
 
 from sparseformer.attention import rand
 from sparseformer.attention.compression import _expand_blocks, _row_key_mask
-from sparseformer.attention.config import block_multiple, validate
+from sparseformer.attention.config import block_multiple, selection_kernel, validate
 from sparseformer.attention.correction import Branch, gate_values, kl_rows
 from sparseformer.attention.dense import LOG0, dense_attention
 from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS
-from sparseformer.attention.selection import Selection, block_sparse_attention, choose_blocks, to_blocks
+from sparseformer.attention.selection import (
+    Selection,
+    block_sparse_attention,
+    choose_blocks,
+    masked_block_attention,
+    to_blocks,
+)
 
 Params = dict[str, jax.Array]
 
@@ -134,7 +140,12 @@ def attend(
         selection = choose_blocks(
             q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng
         )
-        out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, selection.idx, selection.valid, kmask_b, qids)
+        if selection_kernel(config, S_pad) == "masked":
+            kv_m = kv_mask if padded else None
+            out_b, lse_b = masked_block_attention(causal, q_used, kh, vh, selection, kv_m, q_pos)
+        else:
+            idx, valid = selection.idx, selection.valid
+            out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, idx, valid, kmask_b, qids)
         branches.append(Branch.from_softmax(out_b.reshape(B, H, Tq, D), lse_b.reshape(B, H, Tq)))
 
     comp_state: Any = None

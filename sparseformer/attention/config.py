@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.selection.top_k = 0  # key blocks ranked by the importance estimate
     c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, sampled, oracle
     c.selection.sample_rows = 4  # query rows per block scored exactly by the `sampled` estimator
+    c.selection.kernel = "auto"  # exact part: scan (block-sparse, memory ~ T*k*b), masked (dense logits masked to the chosen blocks: same result, faster for short inputs, memory ~ T*S), auto (masked up to 512 keys)
 
     c.compression = ml_collections.ConfigDict()
     c.compression.enabled = False  # summarise what selection left out in a low-rank form
@@ -58,6 +59,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "selection.top_k": int,
     "selection.estimator": str,
     "selection.sample_rows": int,
+    "selection.kernel": str,
     "compression.enabled": bool,
     "compression.kind": str,
     "compression.rank": int,
@@ -71,6 +73,20 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "correction.aux_weight": (int, float),
     "correction.aux_rows": int,
 }
+
+
+KERNELS = ("auto", "scan", "masked")
+# `auto` uses the masked kernel up to this many keys: below it, the scan's many small block
+# matmuls cost more than dense logits (CPU, 128 tokens in blocks of 8: 4x slower fwd+bwd).
+AUTO_MASKED_MAX_KEYS = 512
+
+
+def selection_kernel(config: ml_collections.ConfigDict, kv_len: int) -> str:
+    """The exact part's kernel for a key length: `scan` or `masked` (`auto` resolved)."""
+    kernel = config.selection.kernel
+    if kernel == "auto":
+        return "masked" if kv_len <= AUTO_MASKED_MAX_KEYS else "scan"
+    return kernel
 
 
 def _err(key: str, value: Any, allowed: str) -> ValueError:
@@ -153,6 +169,8 @@ def validate(
     COMPRESSIONS.get(comp.kind)
     CORRECTIONS.get(corr.merge)
 
+    if sel.kernel not in KERNELS:
+        raise _err("selection.kernel", sel.kernel, f"must be one of {', '.join(KERNELS)}")
     for key in ("block_size", "sample_rows"):
         if sel[key] < 1:
             raise _err(f"selection.{key}", sel[key], "must be >= 1")

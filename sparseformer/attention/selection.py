@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sparseformer.attention import rand
+from sparseformer.attention import dense as _dense
 from sparseformer.attention.dense import LOG0
 from sparseformer.attention.registry import ESTIMATORS
 
@@ -343,3 +344,19 @@ def _bwd_rule(causal, res, cts):
 
 
 block_sparse_attention.defvjp(_fwd_rule, _bwd_rule)
+
+
+def masked_block_attention(causal, q_BHTD, k_BHSD, v_BHSD, selection: Selection, kv_mask, q_pos):
+    """The same result as `block_sparse_attention`, from dense logits masked to the chosen blocks.
+
+    `T x S` logits instead of `T x K*b`: for short inputs (a few hundred keys), one large matmul
+    beats many `b x b` ones (the `auto` kernel's choice). `q` is scaled; `q_pos` `[T]` are the
+    query positions (decoding passes one block). Returns out `[B, H, T, D]` float32 and lse.
+    """
+    b, S = selection.block_size, k_BHSD.shape[2]
+    keep = jnp.repeat(jnp.repeat(selection.block_mask(), b, axis=-2), b, axis=-1)  # [B, H, T, S]
+    allowed = _dense.key_masks(q_pos, jnp.arange(S), causal=causal, kv_mask=kv_mask)
+    if allowed is not None:
+        keep = keep & allowed
+    s = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD, preferred_element_type=jnp.float32)
+    return _dense.masked_softmax(s, keep, v_BHSD, "bhts,bhsd->bhtd")
