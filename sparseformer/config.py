@@ -199,10 +199,44 @@ def sweeps(task_name: str, name: str, arg: str, *, scales: Mapping[str, Mapping[
     table = {
         "ablation": expand.ablation_sweep,
         "presets": presets_sweep,
+        "speed": lambda: speed_sweep(task_name, parse_arg(arg)["scale"], scales=scales),
         "top_k": lambda: expand.axis("model.attention.selection.top_k", [1, 2, 4], names=["k1", "k2", "k4"]),
         **extra,
     }
     return expand.pick(name, table)
+
+
+# Table 2 (LRA's speed and memory table): every preset at these lengths, a short run each.
+SPEED_LENGTHS = {"tiny": (64, 128), "small": (1024, 2048, 3072, 4096), "paper": (1024, 2048, 3072, 4096)}
+SPEED_RUN: dict[str, dict[str, Any]] = {  # what a timing run changes in the scale's config
+    "tiny": {"num_train_steps": 4, "model.attention.selection.block_size": 16},
+    # small: 8 steps (the first, with compilation, is not timed), batch 4: dense at 4K takes 10 s a
+    # step and 4.3 GB (compiled) on a 2-core CPU
+    "small": {"num_train_steps": 8, "batch_size": 4, "model.attention.selection.block_size": 64},
+    "paper": {"num_train_steps": 50, "model.attention.selection.block_size": 64},
+}
+
+
+def speed_sweep(task_name: str, scale: str, *, scales: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every preset the task can run x the scale's `SPEED_LENGTHS`: short runs for steps/s and
+    memory (the trainer times from the end of the first step). Evaluation, checkpoint and data
+    are cut to the minimum: the runs measure speed, not accuracy."""
+    run = dict(SPEED_RUN[scale])
+    steps = run["num_train_steps"]
+    run.update({"log_every_steps": 1, "eval_every_steps": steps, "checkpoint_every_steps": steps, "num_eval_batches": 1})
+    data = base_config(task_name, f"scale={scale}", scales=scales).data
+    run.update({f"data.{k}": v for k, v in (("num_train", 64 * run.get("batch_size", 8)), ("num_validation", 32), ("num_test", 32)) if k in data})
+    entries = []
+    for preset_entry in expand.presets_sweep():
+        for length in SPEED_LENGTHS[scale]:
+            entry = expand.merge(preset_entry, {"data.max_len": length, expand.NAME: f"L{length}"}, run)
+            config = base_config(task_name, f"attention={preset_entry[expand.ARG]['attention']},scale={scale}", scales=scales)
+            try:
+                validate_config(apply_overrides(config, {k: v for k, v in entry.items() if k not in expand.META_KEYS}))
+            except ValueError:  # e.g. causal attention refuses the preset, or a length it cannot take
+                continue
+            entries.append(entry)
+    return entries
 
 
 def _fail(key: str, value: Any, allowed: str) -> ValueError:

@@ -42,7 +42,7 @@ def test_model_lengths_follow_the_data():
 
 
 @pytest.mark.parametrize("name", ["listops", "retrieval", "mqar", "synth_translate"])
-@pytest.mark.parametrize("sweep", ["ablation", "presets", "top_k"])
+@pytest.mark.parametrize("sweep", ["ablation", "presets", "top_k", "speed"])
 def test_every_sweep_config_validates(name: str, sweep: str):
     module = load(name)
     for scale in ("tiny", "small"):
