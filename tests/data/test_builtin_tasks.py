@@ -224,6 +224,48 @@ def test_retrieval_answer_is_far_from_the_query_and_matches_the_label():
         assert len(np.unique(labels)) == retrieval.NUM_VALUES
 
 
+def test_retrieval_small_scale_format_few_keys_one_filler_answer_far_away():
+    from sparseformer.data import retrieval
+
+    data = get_task("retrieval").default_data_config("small")
+    kwargs = dict(length=data.max_len, num_pairs=data.num_pairs, pair_format=data.pair_format,
+                  pair_region=data.pair_region, num_keys=data.num_keys, num_fillers=data.num_fillers)
+    inputs, labels = retrieval.generate(300, seed=(0, 0), **kwargs)
+    again, labels_again = retrieval.generate(300, seed=(0, 0), **kwargs)
+    other, _ = retrieval.generate(300, seed=(0, 1), **kwargs)
+    assert np.array_equal(inputs, again) and np.array_equal(labels, labels_again)  # a pure function of the seed
+    assert not np.array_equal(inputs, other)
+    assert set(np.unique(inputs[:, :-2])) <= {retrieval.FILLER0, *range(retrieval.FUSED0, retrieval.VOCAB_SIZE)}
+    for x, y in zip(inputs, labels):
+        pairs = x[x >= retrieval.FUSED0] - retrieval.FUSED0
+        keys = pairs // retrieval.NUM_VALUES
+        assert len(pairs) == data.num_pairs and len(set(keys.tolist())) == data.num_pairs  # distinct keys
+        assert keys.max() < data.num_keys
+        key = x[-1] - retrieval.KEY0
+        (pos,) = np.flatnonzero((x >= retrieval.FUSED0) & ((x - retrieval.FUSED0) // retrieval.NUM_VALUES == key))
+        assert (x[pos] - retrieval.FUSED0) % retrieval.NUM_VALUES == y
+        assert len(x) - 1 - pos >= data.max_len * (1 - data.pair_region)  # beyond any local window
+    assert len(np.unique(labels)) == retrieval.NUM_VALUES
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_keys=0), r"config.data.num_keys: 0 must be in \[1, 16\]"),
+        (dict(num_keys=17), r"config.data.num_keys: 17 must be in \[1, 16\]"),
+        (dict(num_keys=4, num_pairs=5), r"config.data.num_pairs: 5 must be in \[1, num_keys=4\]"),
+        (dict(num_fillers=0), r"config.data.num_fillers: 0 must be in \[1, 32\]"),
+        (dict(pair_format="interleaved"), r"config.data.pair_format.*'interleaved'.*'adjacent'.*'fused'"),
+        (dict(pair_region=1.0), r"config.data.pair_region: 1.0 leaves no room"),
+    ],
+)
+def test_retrieval_rejects_bad_generation_keys(kwargs, message):
+    from sparseformer.data import retrieval
+
+    with pytest.raises(ValueError, match=message):
+        retrieval.generate(4, seed=0, **{"length": 128, "num_pairs": 2, **kwargs})
+
+
 def test_mqar_answers_are_the_values_of_earlier_keys():
     from sparseformer.data import mqar
 
