@@ -83,7 +83,7 @@ def attend(
 
     Returns:
       `out [B, T, H, D]` in q's dtype, and `aux`: float32 scalars `aux_loss` (the
-      regulariser times its weight) and `fidelity` (KL from dense to approximate attention on
+      regulariser times its weight; 0 when correction is off) and `fidelity` (KL from dense to approximate attention on
       the sampled rows; 0 when `correction.aux_rows == 0`).
     """
     B, T, H, D = q.shape
@@ -180,7 +180,11 @@ def attend(
             qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config,
             causal=causal, rng=None if fixed else rng, n_global_rows=n_global_rows,
         )
-        aux = {"aux_loss": corr.aux_weight * kl, "fidelity": jax.lax.stop_gradient(kl)}
+        # The regulariser belongs to correction: with correction off (the ablation's naive sum,
+        # selection or compression alone) fidelity is still measured but trains nothing.
+        weight = corr.aux_weight if corr.enabled else 0.0
+        fidelity = jax.lax.stop_gradient(kl)
+        aux = {"aux_loss": weight * kl if weight else jnp.zeros((), jnp.float32), "fidelity": fidelity}
 
     out = jnp.swapaxes(out[:, :, : (T if query_block is None else Tq)], 1, 2)
     return out.astype(q.dtype), aux

@@ -192,6 +192,17 @@ def test_fidelity_is_positive_when_approximate_and_the_regulariser_has_gradients
     assert float(jnp.max(jnp.abs(gk))) > 0
 
 
+def test_correction_off_measures_fidelity_but_trains_no_regulariser():
+    """The ablation's naive sum (and selection or compression alone) keep the preset's
+    `aux_weight`: with correction off it must not reach the loss."""
+    q, k, v = random_qkv(jax.random.key(6), T=T)
+    c = _small("rsa")
+    c.correction.enabled = False
+    assert c.correction.aux_weight > 0
+    aux = attend(q, k, v, c, rng=jax.random.key(0))[1]
+    assert float(aux["fidelity"]) > 1e-3 and float(aux["aux_loss"]) == 0.0
+
+
 def test_registries_carry_capability_flags():
     assert not COMPRESSIONS.get("linformer").supports_causal and COMPRESSIONS.get("linformer").fixed_length
     assert COMPRESSIONS.get("pool").exact_when_full and COMPRESSIONS.get("pool").supports_exclusion
