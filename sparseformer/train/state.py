@@ -61,6 +61,9 @@ def abstract_model(build: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.S
     return _split(model)
 
 
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def plan_train_state(
     build: Callable[[], nnx.Module],
     tx: optax.GradientTransformation,
@@ -93,6 +96,8 @@ def plan_train_state(
 
     def init_sharded() -> TrainState:
         with jax.set_mesh(mesh):
-            return jitted()
+            # It runs once: compile it fast, not well (XLA's CPU backend spends seconds optimising
+            # the random initialisers otherwise). The values do not depend on the level.
+            return jitted.lower().compile(compiler_options=_FAST_COMPILE)()
 
     return StatePlan(graphdef, abstract, shardings, param_specs, num_params, init_sharded)
