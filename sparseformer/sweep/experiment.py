@@ -61,20 +61,25 @@ def parser(exp: Experiment) -> argparse.ArgumentParser:
     p.add_argument("--bench", action="append", default=None,
                    help="benchmark JSON to build the table from (layout 2) instead of training runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override added to every run (repeatable), e.g. --set=num_train_steps=200")
+                   help="a config override added to every run (repeatable), e.g. --set=num_train_steps=200; "
+                        "TASK:KEY=VALUE for one task's runs only, e.g. --set=listops:num_train_steps=150")
     p.add_argument("--dry_run", action="store_true", help="print the runs; run nothing, write nothing")
     p.add_argument("--table_only", action="store_true", help="skip the sweep: tabulate what is in WORKDIR")
     return p
 
 
-def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
+def parse_settings(settings: Sequence[str], task: str | None = None) -> dict[str, Any]:
     """`["num_train_steps=200", "optimizer.learning_rate=2e-3"]` -> overrides (Python literals
-    where they parse, strings otherwise)."""
+    where they parse, strings otherwise). `TASK:KEY=VALUE` applies to that task's runs only
+    (dropped when `task` is another one)."""
     out: dict[str, Any] = {}
     for item in settings:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set: {item!r} is not KEY=VALUE")
+        only, colon, key = key.rpartition(":")
+        if not sep or not key or (colon and not only):
+            raise ValueError(f"--set: {item!r} is not KEY=VALUE or TASK:KEY=VALUE")
+        if colon and task is not None and only != task:
+            continue
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -100,7 +105,7 @@ def main(exp: Experiment, argv: Sequence[str] | None = None, *,
             spec = f"{args.config_dir}/{task}.py:scale={args.scale}"
             try:
                 runs = expand.expand_runs(spec, exp.sweep, seeds)
-                extra = parse_settings(args.set)
+                extra = parse_settings(args.set, task)
             except (ValueError, FileNotFoundError) as e:
                 print(f"{task}: {e}", file=sys.stderr)
                 return 2

@@ -129,3 +129,14 @@ def test_experiment_settings_parse_literals_and_refuse_malformed_items():
         "num_train_steps": 200, "optimizer.learning_rate": 0.002, "model.pooling": "last"}
     with pytest.raises(ValueError, match="is not KEY=VALUE"):
         parse_settings(["num_train_steps"])
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        parse_settings([":num_train_steps=3"])
+
+
+def test_task_qualified_settings_reach_only_that_task():
+    from sparseformer.sweep.experiment import parse_settings
+
+    items = ["listops:num_train_steps=150", "retrieval:num_train_steps=200", "log_every_steps=10"]
+    assert parse_settings(items, "listops") == {"num_train_steps": 150, "log_every_steps": 10}
+    assert parse_settings(items, "retrieval") == {"num_train_steps": 200, "log_every_steps": 10}
+    assert parse_settings(items, "mqar") == {"log_every_steps": 10}
