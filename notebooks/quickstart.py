@@ -180,8 +180,9 @@ plt.show()
 # At `SCALE = "tiny"` the accuracy is near chance (10 classes): 40 steps on 128-token
 # expressions only check that everything runs. Note also that with 128 tokens in blocks of 16
 # there are only 8 key blocks, which `rsa`'s budget of 8 covers entirely, so `rsa` is almost
-# exact here (fidelity near 0). At `"small"` (256 tokens, 600 steps) there are 16 blocks, half of
-# them computed exactly, and the model learns.
+# exact here (fidelity near 0). At `"small"` (128 tokens in blocks of 8, trees at most 3 deep,
+# 600 steps) there are 16 blocks, half of them computed exactly, and the model learns (dense and
+# rsa reach about 35% after 150 steps; experiments/README.md, table 3).
 #
 # Next: `extend_a_variant.py` (a new estimator in one function), `adopt_step_by_step.py` (swap a
 # trained dense model to `rsa`), `what_attention_selected.py` (look inside).
