@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.selection.global_queries = False  # the first `global_blocks` query blocks see every key (BigBird; bidirectional only: causal rows see their past anyway)
     c.selection.random_blocks = 0  # key blocks drawn at random per query block and head
     c.selection.top_k = 0  # key blocks ranked by the importance estimate
-    c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, sampled, oracle
+    c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, maxkey, sampled, oracle
     c.selection.sample_rows = 4  # query rows per block scored exactly by the `sampled` estimator
     c.selection.kernel = "auto"  # exact part: scan (block-sparse, memory ~ T*k*b), masked (dense logits masked to the chosen blocks: same result, faster for short inputs, memory ~ T*S), auto (masked up to 512 keys)
 
