@@ -224,8 +224,9 @@ def speed_sweep(task_name: str, scale: str, *, scales: Mapping[str, Mapping[str,
     run = dict(SPEED_RUN[scale])
     steps = run["num_train_steps"]
     run.update({"log_every_steps": 1, "eval_every_steps": steps, "checkpoint_every_steps": steps, "num_eval_batches": 1})
-    data = base_config(task_name, f"scale={scale}", scales=scales).data
-    run.update({f"data.{k}": v for k, v in (("num_train", 64 * run.get("batch_size", 8)), ("num_validation", 32), ("num_test", 32)) if k in data})
+    base = base_config(task_name, f"scale={scale}", scales=scales)
+    batch = run.get("batch_size", base.batch_size)  # 64 batches of data: enough, generated fast
+    run.update({f"data.{k}": v for k, v in (("num_train", 64 * batch), ("num_validation", 32), ("num_test", 32)) if k in base.data})
     entries = []
     for preset_entry in expand.presets_sweep():
         for length in SPEED_LENGTHS[scale]:
