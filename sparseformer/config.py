@@ -366,11 +366,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.distill.weight > 0 and not config.distill.teacher_workdir:
         raise _fail("distill.weight", config.distill.weight, "needs distill.teacher_workdir")
 
-    vocab = config.data.spm_vocab_size if "spm_vocab_size" in config.data else task.vocab_size
-    if m.vocab_size < vocab:
+    task.check_data_config(config.data)
+    vocab = task.data_vocab_size(config.data)  # None: known once the run's data is resolved (file tasks)
+    if vocab is not None and m.vocab_size < vocab:
         raise _fail("model.vocab_size", m.vocab_size, f"the task {config.task!r} has {vocab} tokens")
-    if m.kind in ("classifier", "dual_encoder") and m.num_classes != task.num_classes:
-        raise _fail("model.num_classes", m.num_classes, f"the task {config.task!r} has {task.num_classes} classes")
+    classes = task.data_num_classes(config.data)
+    if m.kind in ("classifier", "dual_encoder") and classes is not None and m.num_classes != classes:
+        raise _fail("model.num_classes", m.num_classes, f"the task {config.task!r} has {classes} classes")
     if m.max_len != config.data.max_len:
         raise _fail("model.max_len", m.max_len, f"must equal data.max_len={config.data.max_len}")
     if m.emb_dim % m.num_heads:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # Importing the task modules registers their tasks (in this order in `task_names()`).
 from sparseformer.data import listops, retrieval, mqar, copying, synth_translate  # noqa: F401  isort: skip
-from sparseformer.data import catalog, lra  # noqa: F401  isort: skip
+from sparseformer.data import catalog, lra, files  # noqa: F401  isort: skip
 from sparseformer.data.base import (
     BOS_ID,
     EOS_ID,

@@ -109,6 +109,24 @@ class Task(abc.ABC):
         """Token ids -> detokenized text, stopping at the first `eos_id` and skipping padding."""
         raise NotImplementedError(f"task {self.name!r} has no text decoding")
 
+    # --- what a run learns from its data (file tasks; the others have nothing to learn) ---------
+    def resolve(self, config: ml_collections.ConfigDict, workdir: Any) -> ml_collections.ConfigDict:
+        """The config a run in `workdir` uses: file tasks read their files here (labels, tokenizer,
+        vocabulary, saved with the run) and return a completed copy; other tasks return `config`."""
+        return config
+
+    def check_data_config(self, data: ml_collections.ConfigDict) -> None:
+        """Task-specific checks of `config.data` (run by `validate_config`); raises `ValueError`."""
+
+    def data_vocab_size(self, data: ml_collections.ConfigDict) -> int | None:
+        """Token ids the data produces: a trained subword vocabulary's size, else the task's
+        (None: not known until `resolve`)."""
+        return int(data.spm_vocab_size) if "spm_vocab_size" in data else int(self.vocab_size)
+
+    def data_num_classes(self, data: ml_collections.ConfigDict) -> int | None:
+        """Classes of a classifier (None: not known until `resolve`)."""
+        return int(self.num_classes)
+
     # --- shared -------------------------------------------------------------------------------
     def pipeline(
         self,

@@ -47,6 +47,8 @@ def tasks_main(argv: list[str]) -> int:
         task = get_task(name)
         if name.startswith("lra_"):
             source, prepared = "LRA files", "set config.data.lra_dir"
+        elif name.startswith("files_"):
+            source, prepared = "your files", "set config.data.train_file"
         else:
             source = "built-in" if task.builtin else f"tfds {getattr(task, 'tfds_name', '')}"
             try:

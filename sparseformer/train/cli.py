@@ -166,10 +166,14 @@ def train_main(argv: Sequence[str]) -> int:
     except ValueError as e:
         print(f"{prog}: invalid config: {e}", file=sys.stderr)
         return 2
+    from sparseformer.data.files import DataFileError
     from sparseformer.train.loop import train_and_evaluate
 
     try:
         train_and_evaluate(config, fv.workdir)
+    except DataFileError as e:
+        print(f"{prog}: invalid data: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"{prog}: invalid config: {e}", file=sys.stderr)
         return 2

@@ -252,6 +252,12 @@ def train_and_evaluate(
     if components is None:
         _validate_all(config)
         components = default_components(config)
+        # What the run learns from its data (file tasks: labels, tokenizer), fixed and validated
+        # before anything is written; other tasks keep the config as it is.
+        resolved = components.task.resolve(config, workdir)
+        if resolved is not config:
+            config = resolved
+            _validate_all(config)
     else:
         validate_train_config(config)
     primary = jax.process_index() == 0
