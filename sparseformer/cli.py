@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "table": ("sparseformer.sweep.cli", "table_main", "turn a sweep's metrics into tables and a plot"),
     "bench": ("sparseformer.bench.cli", "bench_main", "benchmark attention presets against dense attention"),
     "demo": ("sparseformer.demo", "demo_main", "the main job on built-in data (what `make demo` runs)"),
+    "adopt": ("sparseformer.adopt.cli", "adopt_main", "from a dense run to sparse attention, staged, with a go/no-go report"),
+    "monitor": ("sparseformer.monitor", "monitor_main", "check a sparse model's fidelity and agreement on new inputs"),
 }
 
 

@@ -84,7 +84,9 @@ def attend(
     Returns:
       `out [B, T, H, D]` in q's dtype, and `aux`: float32 scalars `aux_loss` (the
       regulariser times its weight; 0 when correction is off) and `fidelity` (KL from dense to approximate attention on
-      the sampled rows; 0 when `correction.aux_rows == 0`).
+      the sampled rows; 0 when `correction.aux_rows == 0`), `captured` (the share of the
+      approximate attention's mass that was computed exactly, see `_captured`), and the same two
+      per head, `fidelity_heads` and `captured_heads` `[H]` (their means are the scalars).
     """
     B, T, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
@@ -174,17 +176,22 @@ def attend(
         out_g, _ = dense_attention(qh[:, :, :n_global_rows], kh, vh, kv_mask=kv_mask)
         out = out.at[:, :, :n_global_rows].set(out_g)
 
-    aux = {"aux_loss": jnp.zeros((), jnp.float32), "fidelity": jnp.zeros((), jnp.float32)}
+    aux = {"aux_loss": jnp.zeros((), jnp.float32), "fidelity": jnp.zeros((), jnp.float32),
+           "fidelity_heads": jnp.zeros((H,), jnp.float32)}
     if corr.aux_rows > 0 and query_block is None and branches:
-        kl = _fidelity(
+        kl_heads = _fidelity(
             qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config,
             causal=causal, rng=None if fixed else rng, n_global_rows=n_global_rows,
         )
+        kl = jnp.mean(kl_heads)  # every head has the same valid rows: the mean over all rows
         # The regulariser belongs to correction: with correction off (the ablation's naive sum,
         # selection or compression alone) fidelity is still measured but trains nothing.
         weight = corr.aux_weight if corr.enabled else 0.0
-        fidelity = jax.lax.stop_gradient(kl)
-        aux = {"aux_loss": weight * kl if weight else jnp.zeros((), jnp.float32), "fidelity": fidelity}
+        aux = {"aux_loss": weight * kl if weight else jnp.zeros((), jnp.float32),
+               "fidelity": jax.lax.stop_gradient(kl), "fidelity_heads": jax.lax.stop_gradient(kl_heads)}
+    captured_heads = _captured(branches, selection, gates, rule, kv_mask, q_pos, H=H, T=T, S=S,
+                               n_global_rows=n_global_rows if query_block is None else 0)
+    aux.update(captured=jnp.mean(captured_heads), captured_heads=captured_heads)
 
     out = jnp.swapaxes(out[:, :, : (T if query_block is None else Tq)], 1, 2)
     return out.astype(q.dtype), aux
@@ -225,4 +232,26 @@ def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gate
         logp = rule.extras["rows"](logws, gates)
     if n_global_rows:
         logp = jnp.where((rows < n_global_rows)[None, None, :, None], logp_dense, logp)
-    return kl_rows(logp_dense, logp, row_ok)
+    return kl_rows(logp_dense, logp, row_ok, per_head=True)
+
+
+def _captured(branches, selection, gates, rule, kv_mask, q_pos, *, H, T, S, n_global_rows):
+    """Per head `[H]`: the share of the approximate attention's mass computed exactly, averaged
+    over the real query rows (positions < T; in self-attention with a padding mask, the unpadded
+    ones). With selection and compression both on it is the exact branch's share of the merged
+    normaliser (`exp(lse_exact - lse_merged)` for the `lse` merge, the gate's share for gated
+    sums); 1 for dense attention and for selection alone (all it attends to is exact, whatever it
+    leaves out); 0 for compression alone. BigBird's global query rows are exact: 1. From the
+    branches' `[B, H, T]` statistics only: no `T x S` tensor."""
+    if not branches or (selection is not None and len(branches) == 1):
+        return jnp.ones((H,), jnp.float32)
+    if selection is None:
+        return jnp.zeros((H,), jnp.float32)
+    B, _, Tq = branches[0].ls.shape
+    share = rule.extras["shares"](branches, gates)[0]  # the selection branch comes first
+    if n_global_rows:
+        share = jnp.where((q_pos < n_global_rows)[None, None, :], 1.0, share)
+    w = jnp.broadcast_to((q_pos < T)[None, :], (B, Tq)).astype(jnp.float32)
+    if kv_mask is not None and T == S:  # self-attention: padded queries are not real rows
+        w = w * jnp.take(kv_mask, jnp.minimum(q_pos, kv_mask.shape[1] - 1), axis=1).astype(jnp.float32)
+    return jnp.sum(share * w[:, None, :], axis=(0, 2)) / jnp.maximum(jnp.sum(w), 1.0)

@@ -67,7 +67,23 @@ def _rows_mixture(logws, gates):
     return _normalise(jax.nn.logsumexp(jnp.stack(parts), axis=0))
 
 
-@CORRECTIONS.register("lse", exact_when_full=True, extras={"rows": _rows_lse})
+def _shares_lse(branches, gates):
+    """Each branch's share `[B, H, T]` of the merged row's mass under one normaliser."""
+    m = jax.lax.stop_gradient(jnp.max(jnp.stack([br.ls for br in branches]), axis=0))
+    w = [g * jnp.exp(br.ls - m) * jnp.maximum(br.den, 0.0) for br, g in zip(branches, gates)]
+    total = sum(w)
+    return [jnp.where(total > 0, wi / jnp.where(total > 0, total, 1.0), 0.0) for wi in w]
+
+
+def _shares_mixture(branches, gates):
+    """Each branch's share of a (gated) sum of separately normalised branches: its gate among the
+    gates of the branches that attend to anything in that row."""
+    w = [jnp.broadcast_to(g, br.den.shape) * (br.den > 0) for br, g in zip(branches, gates)]
+    total = sum(w)
+    return [jnp.where(total > 0, wi / jnp.where(total > 0, total, 1.0), 0.0) for wi in w]
+
+
+@CORRECTIONS.register("lse", exact_when_full=True, extras={"rows": _rows_lse, "shares": _shares_lse})
 def lse_merge(branches: Sequence[Branch], gates) -> jax.Array:
     """One normaliser: `sum_i g_i e^{ls_i} num_i / sum_i g_i e^{ls_i} den_i`."""
     m = jax.lax.stop_gradient(jnp.max(jnp.stack([br.ls for br in branches]), axis=0))
@@ -77,21 +93,23 @@ def lse_merge(branches: Sequence[Branch], gates) -> jax.Array:
     return safe_divide(num, den)
 
 
-@CORRECTIONS.register("gated_sum", extras={"rows": _rows_mixture})
+@CORRECTIONS.register("gated_sum", extras={"rows": _rows_mixture, "shares": _shares_mixture})
 def gated_sum(branches: Sequence[Branch], gates) -> jax.Array:
     """NSA: `sum_i g_i * out_i`, each branch normalised on its own."""
     return sum(g[..., None] * br.normalised() for br, g in zip(branches, gates))
 
 
-@CORRECTIONS.register("sum", extras={"rows": _rows_mixture})
+@CORRECTIONS.register("sum", extras={"rows": _rows_mixture, "shares": _shares_mixture})
 def naive_sum(branches: Sequence[Branch], gates) -> jax.Array:
     """The naive sum (correction off): `sum_i out_i`; both branches count the selected pairs."""
     return sum(br.normalised() for br in branches)
 
 
-def kl_rows(logp_dense: jax.Array, logp_approx: jax.Array, row_ok: jax.Array) -> jax.Array:
-    """Mean over valid rows of KL(dense || approx); both `[B, H, R, S]` log-probabilities."""
+def kl_rows(logp_dense: jax.Array, logp_approx: jax.Array, row_ok: jax.Array, *, per_head: bool = False) -> jax.Array:
+    """Mean over valid rows of KL(dense || approx); both `[B, H, R, S]` log-probabilities.
+    `per_head`: the mean of each head, `[H]`."""
     p = jnp.exp(logp_dense)
     kl = jnp.sum(jnp.where(p > 0, p * (logp_dense - jnp.maximum(logp_approx, LOG_FLOOR)), 0.0), axis=-1)
-    w = row_ok.astype(jnp.float32)
-    return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
+    w = jnp.broadcast_to(row_ok, kl.shape).astype(jnp.float32)
+    axes = (0, 2) if per_head else None
+    return jnp.sum(kl * w, axis=axes) / jnp.maximum(jnp.sum(w, axis=axes), 1.0)

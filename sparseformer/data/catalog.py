@@ -263,10 +263,26 @@ class Translate(CatalogTask):
         return self._spm.decode(ids_until_eos(ids))
 
 
+def _lines(text: str, max_chars: int | None) -> list[str]:
+    """`text` on one line, or cut at spaces into lines of at most about `max_chars` characters
+    (SentencePiece skips training lines longer than its `max_sentence_length`)."""
+    text = text.replace("\n", " ").strip()
+    if not max_chars or len(text) <= max_chars:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= max_chars else (text.rfind(" ", start, start + max_chars) + 1 or start + max_chars)
+        out.append(text[start:end].strip())
+        start = end
+    return [line for line in out if line]
+
+
 def train_sentencepiece(
-    source: Source, fields: Sequence[str], path: str, vocab_size: int, max_corpus_chars: int
+    source: Source, fields: Sequence[str], path: str, vocab_size: int, max_corpus_chars: int, *,
+    model_type: str = "unigram", max_line_chars: int | None = None,
 ) -> str:
-    """Train a unigram SentencePiece model on the first `max_corpus_chars` characters of `fields`.
+    """Train a SentencePiece model (`unigram` or `bpe`) on the first `max_corpus_chars` characters
+    of `fields`; texts longer than `max_line_chars` are cut at spaces into several lines.
 
     As the Flax WMT example does, with our special ids (pad 0, bos 1, eos 2, unk 3). The model is
     written to a temporary name first and renamed, so a crash never leaves a half-written file.
@@ -283,9 +299,9 @@ def train_sentencepiece(
                 for field in fields:
                     line = example[field]
                     line = line.decode("utf-8") if isinstance(line, bytes) else line
-                    line = line.replace("\n", " ").strip()
-                    f.write(line + "\n")
-                    chars += len(line)
+                    for part in _lines(line, max_line_chars):
+                        f.write(part + "\n")
+                        chars += len(part)
                 if chars >= max_corpus_chars:
                     break
         prefix = os.path.join(tmp, "spm")
@@ -293,7 +309,7 @@ def train_sentencepiece(
             input=corpus,
             model_prefix=prefix,
             vocab_size=vocab_size,
-            model_type="unigram",
+            model_type=model_type,
             character_coverage=1.0,
             pad_id=0,
             bos_id=1,

@@ -63,6 +63,7 @@ from sparseformer.data.base import (
 
 FORMATS = ("auto", "jsonl", "csv", "tsv")
 TOKENIZERS = ("bytes", "spm")
+SPM_TYPES = ("unigram", "bpe")
 TRUNCATE = ("end", "start")
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
 BYTE_VOCAB_SIZE = NUM_SPECIAL + 256  # byte b is token b + NUM_SPECIAL
@@ -427,6 +428,7 @@ class FileTask(Task):
             data_seed=0,  # seed of the holdout split
             tokenizer="bytes",  # bytes (UTF-8, 259 ids) or spm (SentencePiece trained on the training split)
             tokenizer_vocab_size={"tiny": 256, "small": 2000, "paper": 16000}[scale],  # spm: pieces asked for
+            tokenizer_type="unigram",  # spm: unigram or bpe (on a small vocabulary of words bpe keeps whole words)
             tokenizer_max_chars=10_000_000,  # spm: characters of the training split it is trained on
             max_len={"tiny": 128, "small": 1024, "paper": 4096}[scale],  # tokens kept per input
             truncate="end",  # longer inputs lose their end ('end') or their start ('start')
@@ -450,6 +452,7 @@ class FileTask(Task):
         check_choice("config.data.format", data.format, FORMATS)
         check_choice("config.data.tokenizer", data.tokenizer, TOKENIZERS)
         check_choice("config.data.truncate", data.truncate, TRUNCATE)
+        check_choice("config.data.tokenizer_type", data.tokenizer_type, SPM_TYPES)
         if not 0.0 <= float(data.holdout_fraction) < 0.5:
             raise ValueError(f"config.data.holdout_fraction: {data.holdout_fraction!r} must be in [0, 0.5)")
         if data.tokenizer == "spm" and not 8 <= int(data.tokenizer_vocab_size) <= 1_000_000:
@@ -567,7 +570,7 @@ class FileTask(Task):
             fields = [data[key] for key in self.text_keys]
             path = Path(data.artifacts_dir) / "tokenizer.model"
             train_sentencepiece(sources["train"], fields, str(path), int(data.tokenizer_vocab_size),
-                                int(data.tokenizer_max_chars))
+                                int(data.tokenizer_max_chars), model_type=data.tokenizer_type, max_line_chars=2000)
         tok = self.tokenizer(data)
         if data.tokenizer == "spm":
             data.tokenizer_vocab_size = tok.vocab_size

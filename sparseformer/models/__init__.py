@@ -7,8 +7,9 @@ Every kind (`classifier`, `dual_encoder`, `seq2seq`, `lm`) provides:
   - `build(config, rngs) -> nnx.Module`;
   - `loss(model, batch, *, rng, train) -> (loss, metrics)`: the loss includes the layers'
     `aux_loss`; metrics map a name to a float32 `(sum, count)` pair: `loss`, `accuracy`
-    (per example or per token), `aux_loss`, `fidelity`, and `nll` for token kinds
-    (perplexity = exp(sum / count));
+    (per example or per token), `aux_loss`, `fidelity`, `captured` (the share of attention
+    computed exactly), the last two per attention call as `fidelity_layer<i>` and
+    `captured_layer<i>`, and `nll` for token kinds (perplexity = exp(sum / count));
   - `logits(model, batch, *, rng, train) -> (logits, weights)`: for distillation (a KL between
     teacher and student over the positions where `weights > 0`);
   - `predict(model, batch) -> ids`: argmax classes, or decoded `[B, Lt]` ids for seq2seq
@@ -59,7 +60,11 @@ def loss_fn(model: nnx.Module, batch: Batch, *, rng: jax.Array | None, train: bo
         "accuracy": (correct, total),
         "aux_loss": (aux["aux_loss"], one),
         "fidelity": (aux["fidelity"], one),
+        "captured": (aux["captured"], one),
     }
+    for i in range(aux["layer_fidelity"].shape[0]):  # per attention call, averaged over heads
+        metrics[f"fidelity_layer{i}"] = (jnp.mean(aux["layer_fidelity"][i]), one)
+        metrics[f"captured_layer{i}"] = (jnp.mean(aux["layer_captured"][i]), one)
     if logits.ndim == 3:
         metrics["nll"] = (jnp.sum(nll * w), total)
     return loss_sum / jnp.maximum(total, 1.0) + aux["aux_loss"], metrics

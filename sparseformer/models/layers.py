@@ -51,19 +51,36 @@ def split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
 
 
 def empty_aux() -> Aux:
-    """Per-model totals: the summed `aux_loss`, the summed `fidelity` and the number of calls."""
+    """Per-model totals: the summed `aux_loss`, `fidelity` and `captured`, the number of calls, and
+    each attention call's per-head values in order (`layers`)."""
     z = jnp.zeros((), jnp.float32)
-    return {"aux_loss": z, "fidelity": z, "calls": z}
+    return {"aux_loss": z, "fidelity": z, "captured": z, "calls": z, "layers": []}
 
 
 def add_aux(total: Aux, aux: Aux) -> Aux:
+    """`total` plus one attention call's aux (`sparseformer.attention.attend`)."""
+    layer = {"fidelity": aux["fidelity_heads"], "captured": aux["captured_heads"], "n": jnp.ones((), jnp.float32)}
     return {"aux_loss": total["aux_loss"] + aux["aux_loss"], "fidelity": total["fidelity"] + aux["fidelity"],
-            "calls": total["calls"] + 1.0}
+            "captured": total["captured"] + aux["captured"], "calls": total["calls"] + 1.0,
+            "layers": [*total["layers"], layer]}
+
+
+def concat_aux(first: Aux, second: Aux) -> Aux:
+    """Totals of two different stacks (an encoder, then a decoder): sums, and the layers of both."""
+    out = {k: first[k] + second[k] for k in ("aux_loss", "fidelity", "captured", "calls")}
+    return {**out, "layers": [*first["layers"], *second["layers"]]}
 
 
 def finish_aux(total: Aux) -> Aux:
-    """`aux_loss` summed over the layers, `fidelity` averaged over them."""
-    return {"aux_loss": total["aux_loss"], "fidelity": total["fidelity"] / jnp.maximum(total["calls"], 1.0)}
+    """`aux_loss` summed over the layers, `fidelity` and `captured` averaged over them, and per
+    layer and head `layer_fidelity` and `layer_captured` `[num calls, H]` (attention calls in model
+    order; a model applied twice, as the dual encoder, averages the two)."""
+    calls = jnp.maximum(total["calls"], 1.0)
+    layers = total["layers"]
+    per = {f"layer_{name}": jnp.stack([layer[name] / layer["n"] for layer in layers]) if layers
+           else jnp.zeros((0, 1), jnp.float32) for name in ("fidelity", "captured")}
+    return {"aux_loss": total["aux_loss"], "fidelity": total["fidelity"] / calls, "captured": total["captured"] / calls,
+            **per}
 
 
 class LayerNorm(nnx.Module):

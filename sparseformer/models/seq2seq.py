@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from sparseformer.attention import presets
-from sparseformer.models.layers import Aux, Cache, Dense, Embed, Stack, finish_aux
+from sparseformer.models.layers import Aux, Cache, Dense, Embed, Stack, concat_aux, finish_aux
 
 CROSS_ATTENTION = ("dense", "same")
 
@@ -60,7 +60,7 @@ class EncoderDecoder(nnx.Module):
         dec_in = jnp.concatenate([jnp.full_like(targets_BT[:, :1], self.bos_id), targets_BT[:, :-1]], 1)
         x_BTE, aux_d = self.decoder.run(self.decoder.embed_tokens(dec_in), mask_BL=None, rng=r_dec, train=train,
                                         enc_BSE=enc_BSE, enc_mask_BS=mask_BL)
-        return self.head(x_BTE).astype(jnp.float32), finish_aux(jax.tree.map(jnp.add, aux_e, aux_d))
+        return self.head(x_BTE).astype(jnp.float32), finish_aux(concat_aux(aux_e, aux_d))
 
     def forward(self, batch: dict[str, jax.Array], *, rng: jax.Array | None, train: bool):
         logits, aux = self(batch["inputs"], batch["inputs_mask"], batch["targets"], rng=rng, train=train)

@@ -127,6 +127,7 @@ class _Runtime:
         self.replicated = sharding_lib.replicated(mesh)
         self._eval = None
         self._predict = None
+        self._probe = None
 
     def context(self) -> Any:
         """Trace under the mesh and the logical-axis rules (for activation sharding constraints)."""
@@ -189,6 +190,28 @@ class _Runtime:
         score, signature = bleu(hyps, refs)
         return {"bleu": score, "bleu_signature": signature}  # type: ignore[dict-item]
 
+    def probe(self, state: TrainState, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """`step.make_probe_step` on one batch: agreement with dense attention (the same
+        parameters) and per-layer, per-head fidelity and captured mass, as numpy."""
+        if self._probe is None:
+            from sparseformer.attention import presets
+            from sparseformer.train.state import abstract_model
+
+            dense_config = with_attention(self.config, presets.get("dense"))
+            d_graphdef, d_params, d_extra = abstract_model(
+                lambda: self.comps.build_model(dense_config, rngs=nnx.Rngs(int(self.config.seed))))
+            d_params, d_extra = nnx.to_pure_dict(d_params), nnx.to_pure_dict(d_extra)
+            fn = step_lib.make_probe_step(self.plan.graphdef, d_graphdef, self.comps.kind)
+
+            def probe_fn(state: TrainState, batch: Any) -> dict[str, Any]:
+                # dense attention has no parameters of its own: its model is the same tree, less those
+                return fn(state.params, state.extra, _restrict(state.params, d_params), _restrict(state.extra, d_extra), batch)
+
+            self._probe = jax.jit(probe_fn, in_shardings=(self.plan.shardings, self.batch_sharding),
+                                  out_shardings=self.replicated)
+        with self.context():
+            return jax.tree.map(np.asarray, jax.device_get(self._probe(state, self.shard(batch))))
+
     def task_metrics(self, state: TrainState, split: str) -> dict[str, Any]:
         """Eval metrics plus the task metric under its own name."""
         out: dict[str, Any] = dict(self.evaluate(state, split))
@@ -199,6 +222,31 @@ class _Runtime:
             out["perplexity"] = math.exp(out.get("nll", out["loss"]))
         return out
 
+
+
+def _restrict(tree: Any, ref: Any) -> Any:
+    """The entries of the nested dict `tree` that `ref` also has."""
+    if isinstance(ref, dict):
+        return {k: _restrict(tree[k], v) for k, v in ref.items()}
+    return tree
+
+
+def is_dense(attention: ml_collections.ConfigDict) -> bool:
+    """Whether a `model.attention` config computes plain dense attention."""
+    return not attention.selection.enabled and not attention.compression.enabled
+
+
+def with_attention(config: ml_collections.ConfigDict, attention: ml_collections.ConfigDict,
+                   name: str | None = None) -> ml_collections.ConfigDict:
+    """A copy of a run config with `model.attention` replaced (and `attention_name`, if given)."""
+    import copy
+
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        out.model.attention = copy.deepcopy(attention)
+        if name is not None:
+            out.attention_name = name
+    return out
 
 
 def _restore_latest(rt: "_Runtime", workdir: Path):
@@ -280,6 +328,17 @@ def train_and_evaluate(
         teacher_graphdef, teacher, teacher_sh = _restore_teacher(config, components, mesh)
 
     train_iter = rt.pipeline("train")
+    # Agreement with dense attention (same parameters) is followed on one fixed validation batch.
+    probe_batch = None
+    if "attention" in config.model and not is_dense(config.model.attention):
+        probe_batch = next(iter(rt.pipeline("validation")))
+
+    def agreement(state: TrainState) -> dict[str, float]:
+        if probe_batch is None:
+            return {}
+        total, count = rt.probe(state, probe_batch)["agreement"]
+        return {"agreement": float(total) / max(float(count), 1.0)}
+
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=int(config.max_checkpoints_to_keep))
     writer = None
     try:
@@ -376,15 +435,21 @@ def train_and_evaluate(
                     if pending is not None:
                         final_loss = handle(*pending)
                         pending = None
-                    writer.write(done, rt.evaluate(state, "validation"), prefix="validation_", log_name="eval.jsonl")
+                    writer.write(done, {**rt.evaluate(state, "validation"), **agreement(state)}, prefix="validation_",
+                                 log_name="eval.jsonl")
             if pending is not None:
                 final_loss = handle(*pending)
             steps_per_second = timer.get("sps") or steps_per_second
         ckpt.wait()
 
         eval_split = "test"
-        results = rt.task_metrics(state, eval_split)
+        results = {**rt.task_metrics(state, eval_split), **agreement(state)}
         metric = components.task.metric
+        reference = None
+        if probe_batch is not None:  # what `sparseformer monitor` compares new inputs with
+            from sparseformer.train import probe as probe_lib
+
+            reference = {**probe_lib.training_reference(rt, state), "step": num_steps}
         final = {
             "task": config.task,
             "attention": config.get("attention_name", ""),
@@ -393,6 +458,8 @@ def train_and_evaluate(
             "max_len": int(config.data.max_len) if "max_len" in config.data else None,
             metric: results.get(metric),
             "fidelity": results.get("fidelity"),
+            "captured": results.get("captured"),
+            "agreement": results.get("agreement"),
             "steps_per_second": steps_per_second,
             "peak_memory_bytes": memory.get("peak_memory_bytes"),
             "num_params": plan.num_params,
@@ -410,6 +477,8 @@ def train_and_evaluate(
         if primary:
             writer.write(num_steps, {k: v for k, v in results.items() if isinstance(v, float)}, prefix=f"{eval_split}_",
                          log_name="eval.jsonl")
+            if reference is not None:
+                metrics_io.write_json(workdir / probe_lib.REFERENCE, reference)
             metrics_io.write_json(workdir / "metrics.json", final)
             print(f"done: {metric} {final[metric]}, final loss {final_loss}, {steps_per_second or 0:.2f} steps/s; "
                   f"{workdir / 'metrics.json'}", flush=True)
@@ -418,6 +487,29 @@ def train_and_evaluate(
         ckpt.close()
         if writer is not None:
             writer.close()
+
+
+def restore_run(
+    workdir: str | Path,
+    *,
+    config: ml_collections.ConfigDict | None = None,
+    components: Components | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> tuple["_Runtime", TrainState, int]:
+    """`(runtime, state, step)`: a run directory's latest checkpoint, restored into the runtime of
+    its own config or of `config` (the same parameters under another attention, say). The runtime's
+    `evaluate`, `task_metrics`, `probe` and `pipeline` then serve eval, adopt and monitor."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
+    config = load_config(workdir) if config is None else config
+    components = components or default_components(config)
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model, devices)
+    rt = _Runtime(config, components, mesh)
+    found = _restore_latest(rt, workdir)
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+    return rt, TrainState(**found[1]), int(found[0])
 
 
 def evaluate_workdir(
@@ -429,17 +521,9 @@ def evaluate_workdir(
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint of a run directory on `split`; writes `eval_<split>.json`."""
     workdir = Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
-    config = load_config(workdir)
-    components = components or default_components(config)
-    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model, devices)
-    rt = _Runtime(config, components, mesh)
-    found = _restore_latest(rt, workdir)
-    if found is None:
-        raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
-    results = rt.task_metrics(TrainState(**found[1]), split)
-    out = {"step": found[0], "split": split, "task": config.task, **results}
+    rt, state, step = restore_run(workdir, components=components, devices=devices)
+    results = rt.task_metrics(state, split)
+    out = {"step": step, "split": split, "task": rt.config.task, **results}
     if jax.process_index() == 0:
         metrics_io.write_json(workdir / f"eval_{split}.json", out)
     return out

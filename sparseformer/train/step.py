@@ -131,6 +131,27 @@ def make_predict_step(graphdef: nnx.GraphDef, kind: Any) -> Callable[[TrainState
     return predict_step
 
 
+def make_probe_step(graphdef: nnx.GraphDef, dense_graphdef: nnx.GraphDef, kind: Any) -> Callable[..., dict[str, Any]]:
+    """What monitoring follows, on one batch in evaluation mode (deterministic):
+
+    `agreement`: `(sum, count)` of the positions (examples, or weighted tokens) where the model's
+    prediction equals the prediction of the same parameters with dense attention
+    (`dense_graphdef`, the kind's own `logits`); `layer_fidelity` and `layer_captured`
+    `[calls, H]`: the model's per-layer, per-head attention statistics for this batch.
+    """
+
+    def probe_step(params: Any, extra: Any, dense_params: Any, dense_extra: Any, batch: Batch) -> dict[str, Any]:
+        model = nnx.merge(graphdef, params, extra)
+        logits, _, weights, aux = model.forward(batch, rng=None, train=False)
+        dense_logits, _ = kind.logits(nnx.merge(dense_graphdef, dense_params, dense_extra), batch, rng=None, train=False)
+        same = (jnp.argmax(logits, -1) == jnp.argmax(dense_logits, -1)).astype(jnp.float32)
+        w = weights.astype(jnp.float32)
+        return {"agreement": _pair(jnp.sum(same * w), jnp.sum(w)), "layer_fidelity": aux["layer_fidelity"],
+                "layer_captured": aux["layer_captured"]}
+
+    return probe_step
+
+
 def finalize(metrics: dict[str, Any]) -> dict[str, float]:
     """Host side: `(sum, count)` pairs -> means."""
     out = {}
