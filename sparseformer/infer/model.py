@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from sparseformer.data.base import EOS_ID, PAD_ID
+from sparseformer.infer import runtime
 
 Program = Callable[..., Any]
 
@@ -163,8 +164,7 @@ def _continue(model: nnx.Module, inputs: jax.Array, lengths: jax.Array, max_new:
 class KindPrograms:
     """What inference runs for one model kind (see the module docstring)."""
 
-    predict: Callable[..., dict[str, jax.Array]]
-    arrays: tuple[str, ...]  # names of predict's array arguments, in order
+    predict: Callable[..., dict[str, jax.Array]]  # (model, *arrays named runtime.ARRAYS[kind]) -> outputs
     latency: Callable[..., Any]  # (model, *arrays) -> outputs: the program whose batch-1 latency is reported
     decode: Callable[..., Any] | None = None  # (model, state) -> state: one cached decoding step
     decode_state: Callable[..., Any] | None = None  # (model, *arrays) -> the decode step's input state
@@ -205,10 +205,10 @@ def _lm_step(model: nnx.Module, state: Any) -> Any:
 
 
 KINDS: dict[str, KindPrograms] = {
-    "classifier": KindPrograms(_classify, ("inputs", "inputs_mask"), _classify),
-    "dual_encoder": KindPrograms(_classify_pair, ("inputs1", "inputs1_mask", "inputs2", "inputs2_mask"), _classify_pair),
-    "seq2seq": KindPrograms(_translate, ("inputs", "inputs_mask"), _s2s_prefill, _s2s_step, _s2s_state),
-    "lm": KindPrograms(_continue, ("inputs", "lengths", "max_new"), _lm_prefill, _lm_step, _lm_state),
+    "classifier": KindPrograms(_classify, _classify),
+    "dual_encoder": KindPrograms(_classify_pair, _classify_pair),
+    "seq2seq": KindPrograms(_translate, _s2s_prefill, _s2s_step, _s2s_state),
+    "lm": KindPrograms(_continue, _lm_prefill, _lm_step, _lm_state),
 }
 
 
@@ -231,12 +231,8 @@ def example_arrays(config: ml_collections.ConfigDict, batch: int, length: int, *
                    max_new: int = 1) -> tuple[np.ndarray, ...]:
     """Random full-length inputs of a kind's predict arrays: `batch` rows of `length` tokens."""
     rng = np.random.default_rng(seed)
-    vocab = int(config.model.vocab_size)
-    ids = lambda: rng.integers(3, max(vocab, 4), (batch, length)).astype(np.int32)  # noqa: E731
-    mask = np.ones((batch, length), np.bool_)
     kind = config.model.kind
-    if kind == "dual_encoder":
-        return ids(), mask, ids(), mask.copy()
-    if kind == "lm":
-        return ids(), np.full((batch,), length, np.int32), np.int32(max_new)
-    return ids(), mask
+    high = max(int(config.model.vocab_size), 4)
+    items = [runtime.Item(i, 0, {}, [rng.integers(3, high, length).tolist() for _ in runtime.FIELDS[kind]])
+             for i in range(batch)]
+    return runtime.batch_arrays(kind, items, length, batch, max_new=max_new)
