@@ -57,6 +57,8 @@ class Selection:
         into the selection's query rows, i.e. `block * block_size + row in block`)."""
         b = self.block_size
         blk = rows // b
+        if self.row_start is None:  # rows of a block share its blocks: no per-row scatter
+            return self.block_mask()[:, :, blk]
         use = self.valid[:, :, blk]
         if self.row_start is not None:
             use = use & ((rows % b)[:, None] >= self.row_start[:, :, blk])
@@ -68,7 +70,7 @@ def slots_to_blocks(idx: jax.Array, use: jax.Array, m: int) -> jax.Array:
     lead, K = idx.shape[:-1], idx.shape[-1]
     flat_idx, flat_use = idx.reshape(-1, K), use.reshape(-1, K)
     rows = jnp.arange(flat_idx.shape[0])[:, None]
-    hit = jnp.zeros((flat_idx.shape[0], m), jnp.int32).at[rows, flat_idx].max(flat_use.astype(jnp.int32))
+    hit = jnp.zeros((flat_idx.shape[0], m), jnp.int8).at[rows, flat_idx].max(flat_use.astype(jnp.int8))
     return hit.reshape(lead + (m,)) > 0
 
 
