@@ -57,7 +57,8 @@ def attention_kernel(config: ml_collections.ConfigDict, length: int) -> str:
         S_pad = -(-S // mult) * mult
         bits = []
         if att.selection.enabled:
-            bits.append(f"selection ({selection_kernel(att, S_pad)})")
+            head_dim = int(sized.model.emb_dim) // int(sized.model.num_heads)
+            bits.append(f"selection ({selection_kernel(att, S_pad, head_dim=head_dim)})")
         if att.compression.enabled:
             bits.append(att.compression.kind)
         name = " + ".join(bits) or "dense"
