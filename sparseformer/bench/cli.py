@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--presets", default=",".join(d.presets), help="comma-separated; 'dense' is the jax.nn baseline")
+    p.add_argument("--presets", default=",".join(d.presets), help="comma-separated; 'dense' is the jax.nn baseline, 'dense_pallas' JAX's Pallas flash attention (GPU), 'PRESET/exact' a preset's selection alone")
     p.add_argument("--lengths", default=None, help=f"comma-separated token counts (default {','.join(map(str, d.lengths))}; --quick: {','.join(map(str, QUICK['lengths']))})")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--heads", type=int, default=d.heads)
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fidelity", action="store_true", help="skip the peaky/needle error measurement")
     p.add_argument("--dense-impl", default=d.dense_impl, choices=["auto", "xla", "cudnn"], help="auto: cuDNN on a GPU for 16-bit inputs")
     p.add_argument("--quick", action="store_true", help="small lengths and fewer rounds: under about two minutes on this CPU")
+    p.add_argument("--compile-only", action="store_true", help="compile every case and record XLA's compiled memory and FLOPs only (no timing, fidelity or probes): the memory table at lengths too large to run")
     return p
 
 
@@ -67,11 +68,16 @@ def options_from_args(args: argparse.Namespace) -> "BenchOptions":  # noqa: F821
         rss=args.rss or quick.get("rss", d.rss),
         fidelity=not args.no_fidelity,
         dense_impl=args.dense_impl,
+        compile_only=args.compile_only,
     )
 
 
 def bench_main(argv: list[str]) -> int:
     """Parse flags, run the benchmark, write the three files; 1 if any case failed, 2 on bad flags."""
+    if any(a == "--model" or a.startswith("--model=") for a in argv):  # trained models: sparseformer.infer.bench
+        from sparseformer.infer.bench import bench_models_main
+
+        return bench_models_main(argv)
     args = _parser().parse_args(argv)
     from sparseformer.bench import methods, report, runner
 

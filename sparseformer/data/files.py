@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import ml_collections
 import numpy as np
 
+from sparseformer.data import text_codec
 from sparseformer.data.base import (
     EOS_ID,
     NUM_SPECIAL,
@@ -56,7 +57,6 @@ from sparseformer.data.base import (
     Task,
     check_choice,
     data_config,
-    ids_until_eos,
     pad_to,
     register_task,
 )
@@ -81,54 +81,12 @@ def _where(path: str | Path, line: int | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------- tokenizers
-class ByteTokenizer:
-    """UTF-8 bytes: byte `b` is token `b + 3` (0 pads, 1 begins, 2 ends)."""
-
-    kind = "bytes"
-    vocab_size = BYTE_VOCAB_SIZE
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + NUM_SPECIAL
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        raw = bytes(i - NUM_SPECIAL for i in ids_until_eos(ids) if NUM_SPECIAL <= i < BYTE_VOCAB_SIZE)
-        return raw.decode("utf-8", errors="replace")
-
-
 def _import_sentencepiece() -> Any:
     try:
         import sentencepiece as spm
     except ImportError as e:
         raise ImportError(f"config.data.tokenizer='spm' needs the sentencepiece package: {SPM_EXTRA}") from e
     return spm
-
-
-class SentencePieceTokenizer:
-    """A SentencePiece model file (pad 0, bos 1, eos 2, unk 3), loaded on first use (picklable)."""
-
-    kind = "spm"
-
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        self._sp: Any = None
-
-    def _model(self) -> Any:
-        if self._sp is None:
-            self._sp = _import_sentencepiece().SentencePieceProcessor(model_file=self.path)
-        return self._sp
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._model().GetPieceSize())
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._model().encode(text), np.int32)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._model().decode(ids_until_eos(ids))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_sp": None}
 
 
 # ------------------------------------------------------------------------------- reading records
@@ -512,15 +470,23 @@ class FileTask(Task):
             out["test"] = out["validation"]
         return out
 
-    def tokenizer(self, data: ml_collections.ConfigDict) -> ByteTokenizer | SentencePieceTokenizer:
-        """The run's tokenizer (the SentencePiece model saved in `data.artifacts_dir` by `resolve`)."""
+    def tokenizer(self, data: ml_collections.ConfigDict) -> text_codec.Codec:
+        """The run's tokenizer: bytes, or the SentencePiece model `resolve` saved in `data.artifacts_dir`."""
         if data.tokenizer == "bytes":
-            return ByteTokenizer()
+            return text_codec.ByteCodec(offset=NUM_SPECIAL)
         path = Path(data.artifacts_dir or "") / "tokenizer.model"
         if not data.artifacts_dir or not path.exists():
             raise ValueError(f"config.data.artifacts_dir: {str(path)!r} has no tokenizer.model; the run's data "
                              "was not resolved (train_and_evaluate does it: sparseformer.data.files.resolve_run_data)")
-        return SentencePieceTokenizer(path)
+        _import_sentencepiece()
+        return text_codec.SentencePieceCodec(str(path))
+
+    def codec(self, config: ml_collections.ConfigDict) -> text_codec.Codec:
+        """The run's tokenizer, for `predict` and `export`."""
+        return self.tokenizer(config.data)
+
+    def label_names(self, config: ml_collections.ConfigDict) -> list[str] | None:
+        return [str(x) for x in config.data.labels] if self.label_key else None
 
     def resolve(self, config: ml_collections.ConfigDict, workdir: str | Path | None) -> ml_collections.ConfigDict:
         """Validate the files and fix labels, tokenizer and vocabulary for a run in `workdir`.
@@ -571,10 +537,13 @@ class FileTask(Task):
             path = Path(data.artifacts_dir) / "tokenizer.model"
             train_sentencepiece(sources["train"], fields, str(path), int(data.tokenizer_vocab_size),
                                 int(data.tokenizer_max_chars), model_type=data.tokenizer_type, max_line_chars=2000)
-        tok = self.tokenizer(data)
+        vocab = BYTE_VOCAB_SIZE
         if data.tokenizer == "spm":
-            data.tokenizer_vocab_size = tok.vocab_size
-        config.model.vocab_size = int(tok.vocab_size)
+            model = _import_sentencepiece().SentencePieceProcessor(model_file=str(Path(data.artifacts_dir) / "tokenizer.model"))
+            vocab = int(model.GetPieceSize())
+        if data.tokenizer == "spm":
+            data.tokenizer_vocab_size = vocab
+        config.model.vocab_size = vocab
         if self.label_key:
             config.model.num_classes = len(data.labels)
         return config
@@ -638,7 +607,7 @@ class FileTask(Task):
                                           seed=seed)
 
     def _ids(self, text: str, length: int, data: ml_collections.ConfigDict) -> np.ndarray:
-        ids = self._tokenizer.encode(text)
+        ids = np.asarray(self._tokenizer.encode(text), np.int32)
         if ids.shape[0] > length:
             ids = ids[:length] if data.truncate == "end" else ids[ids.shape[0] - length:]
         return ids
