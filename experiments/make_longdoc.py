@@ -19,10 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for train.jsonl, dev.jsonl, test.jsonl")
     p.add_argument("--num_train", type=int, default=8000, help="training documents")
     p.add_argument("--num_eval", type=int, default=500, help="documents in dev and in test")
-    p.add_argument("--num_words", type=int, default=900, help="words (and punctuation) per document")
+    p.add_argument("--num_words", type=int, default=960, help="words (and punctuation) per document")
     p.add_argument("--num_facts", type=int, default=1, help="facts per document (one is asked about; more: decoys)")
     p.add_argument("--answer_region", type=float, default=0.25, help="facts lie in this leading share of the text")
-    p.add_argument("--distractors", type=float, default=0.02, help="chance that a filler word is a status word")
+    p.add_argument("--distractors", type=float, default=0.0, help="chance that a filler word is a status word")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     paths = write_dataset(a.out, num_train=a.num_train, num_eval=a.num_eval, num_words=a.num_words,

@@ -11,21 +11,23 @@
 # ---
 
 # %% [markdown]
-# # Adopt `rsa` step by step
+# # Adopt sparse attention step by step, on your own files
 #
-# The practitioner's path: you have a model trained with dense attention and want to know what
-# switching to `rsa` costs and saves, one step at a time.
+# The practitioner's path, one command at a time:
 #
-# 1. train a dense model (here on the built-in retrieval task);
-# 2. **swap** its attention for `rsa` without training: accuracy and fidelity before any tuning;
-# 3. **fine-tune** briefly, distilling from the dense model as teacher;
-# 4. one table: accuracy, speed and memory of dense, swapped and fine-tuned, and what the
-#    switch saves at longer lengths.
+# 1. **your data**: JSON Lines files (here a generated long-document task: a status stated near the
+#    start of a report, asked about at its end);
+# 2. **a dense run** on them (`configs/files.py`);
+# 3. **`sparseformer adopt`**: stage 0 measures the dense model, stage 1 swaps its attention for
+#    `rsa` without training, stage 2 fine-tunes it briefly with the dense model as teacher, stage 3
+#    measures longer inputs; then a go/no-go verdict against your thresholds;
+# 4. **`sparseformer monitor`**: once it runs, check new inputs against what training saw.
 #
-# `SCALE = "tiny"` runs in about a minute on a 2-core CPU: a smoke size whose accuracies are near
-# chance (10 classes). `"small"` (1024 tokens, a few minutes per run) gives a dense model that
-# has learned the task, which is when the swap's accuracy drop and the fine-tune's recovery mean
-# something.
+# This notebook calls the library functions the commands call (`sparseformer.adopt.adopt`,
+# `sparseformer.monitor.monitor`), stage by stage. `SCALE = "tiny"` runs in a few minutes on a
+# 2-core CPU: a smoke size at which the model learns nothing (accuracies near chance, speed-ups
+# meaningless at 128 tokens). `"small"` is the measured setting of experiments/README.md (1024
+# tokens; dense training takes a while on a CPU).
 
 # %%
 SCALE = "tiny"  # "tiny" | "small"
@@ -33,162 +35,129 @@ SCALE = "tiny"  # "tiny" | "small"
 # %%
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "configs" / "listops.py").is_file())
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "configs" / "files.py").is_file())
 sys.path.insert(0, str(ROOT))  # configs/ is importable from the repository root
 WORK = Path(tempfile.mkdtemp(prefix="sparseformer_adopt_"))
 
 import jax
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 
-from configs import retrieval
-from sparseformer.attention import init_params
+from configs import files
+from sparseformer.adopt import AdoptOptions, adopt
+from sparseformer.data.longdoc import write_dataset
+from sparseformer.monitor import format_table, monitor
 from sparseformer.train import train_and_evaluate
-from sparseformer.train.loop import config_to_dict, evaluate_workdir
 
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", str(WORK / "jax_cache"))
 
-STEPS = {"tiny": 40, "small": None}[SCALE]  # dense training steps (None: the config's)
-FINETUNE = {"tiny": 20, "small": 100}[SCALE]  # fine-tuning steps
-BENCH_LENGTHS = {"tiny": (1024, 2048), "small": (2048, 4096, 8192)}[SCALE]
-
-
-def task_config(attention):
-    config = retrieval.get_config(f"attention={attention},scale={SCALE}")
-    config.data.data_dir = str(WORK / "data")
-    if STEPS:  # one layer and a few steps at the tiny scale
-        config.model.num_layers = 1
-        config.num_train_steps = config.log_every_steps = config.checkpoint_every_steps = STEPS
-        config.eval_every_steps = 0
-    return config
-
+SIZES = {  # documents, words per document, tokens kept, dense steps, fine-tuning steps, stage-3 lengths
+    "tiny": dict(num_train=400, num_eval=64, num_words=100, max_len=128, steps=20, finetune=4, lengths=(256,)),
+    "small": dict(num_train=8000, num_eval=500, num_words=960, max_len=1024, steps=400, finetune=100,
+                  lengths=(2048, 4096)),
+}[SCALE]
 
 # %% [markdown]
-# ## 1. A dense model
+# ## 1. Your data
+#
+# Three JSON Lines files with a `text` and a `label` per line. Any other field names work too
+# (`--config.data.text_field=...`), and so do CSV or TSV files with a header row.
 
 # %%
+data = write_dataset(WORK / "longdoc", num_train=SIZES["num_train"], num_eval=SIZES["num_eval"],
+                     num_words=SIZES["num_words"])
+first = json.loads(data["train"].read_text().splitlines()[0])
+print(f"label {first['label']!r}: {first['text'][:120]} ... {first['text'][-60:]}")
+
+# %% [markdown]
+# ## 2. A dense run
+#
+# The same as `sparseformer train --config=configs/files.py:kind=classify,attention=dense,scale=...
+# --config.data.train_file=... --workdir=...`. The tokenizer is a SentencePiece model trained on
+# the training file; it and the label map are saved with the run, and every later step reads them
+# from there.
+
+# %%
+config = files.get_config(f"kind=classify,attention=dense,scale={SCALE}")
+config.data.train_file, config.data.eval_file, config.data.test_file = (str(data[k]) for k in ("train", "dev", "test"))
+config.data.update(tokenizer="spm", tokenizer_type="bpe", tokenizer_vocab_size=1000, max_len=SIZES["max_len"])
+config.model.pooling = "last"  # the question is at the end
+config.num_train_steps = SIZES["steps"]
+config.eval_every_steps = 0
+if SCALE == "tiny":
+    config.model.attention.selection.block_size = 8  # 16 blocks of 8 at 128 tokens: rsa computes half of them
 dense_dir = WORK / "dense"
-dense = train_and_evaluate(task_config("dense"), dense_dir)
+dense = train_and_evaluate(config, dense_dir)
+print(f"dense accuracy {dense['accuracy']:.3f}; labels {json.loads((dense_dir / 'config.json').read_text())['data']['labels']}")
 
 # %% [markdown]
-# ## 2. Swap the attention, keep the weights
+# ## 3. `sparseformer adopt`, one stage at a time
 #
-# The attention core is separate from the projections around it, and `rsa` has no learned
-# weights of its own (its gates are off; `init_params` says which it needs), so a dense
-# checkpoint fits an `rsa` model unchanged. We copy the run directory, change
-# `model.attention` in its `config.json`, and evaluate the same checkpoint.
+# `sparseformer adopt --teacher=DIR --attention=rsa --out=OUT` runs every stage in one go; here we stop
+# after each one to look at it. Each stage writes `OUT/stage<N>.json` when it is done, and a re-run
+# skips the stages whose inputs did not change: calling `adopt` again below continues where the
+# previous call stopped.
 
 # %%
-rsa_attention = task_config("rsa").model.attention
-print("rsa needs these extra parameters:",
-      init_params(rsa_attention, jax.random.key(0), num_heads=2, head_dim=16, max_len=256) or "none")
-
-
-def copy_with_attention(src, dst, attention, **changes):
-    """A copy of a run directory whose config uses `attention` (and `changes`); the checkpoints
-    come along, metrics.json does not."""
-    shutil.copytree(src, dst)
-    (dst / "metrics.json").unlink()
-    config = task_config("dense")
-    config.model.attention = attention
-    config.attention_name = changes.pop("name")
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    (dst / "config.json").write_text(json.dumps(config_to_dict(config)))
-    return config
-
-
-swapped_dir = WORK / "swapped"
-copy_with_attention(dense_dir, swapped_dir, rsa_attention, name="rsa (swapped)")
-swapped = evaluate_workdir(swapped_dir, "test")
-print(f"dense accuracy {dense['accuracy']:.3f} -> swapped to rsa {swapped['accuracy']:.3f}; "
-      f"fidelity KL(dense || rsa) {swapped['fidelity']:.4f}")
+options = AdoptOptions(teacher=str(dense_dir), out=str(WORK / "adopt"), attention="rsa", steps=SIZES["finetune"],
+                       max_metric_drop=1.0, min_speedup=2.0, lengths=SIZES["lengths"], price_per_hour=0.40,
+                       repeats=5 if SCALE == "tiny" else 20, rss=SCALE != "tiny")
+stages = adopt(options, stop_after="stage0")["stages"]
+s0 = stages["stage0"]
+print(f"stage 0, dense: accuracy {s0['value']:.3f}; batch-1 latency {s0['speed']['latency_ms_p50']:.1f} ms, "
+      f"throughput {s0['speed']['throughput_per_s']:.0f}/s, compiled memory {s0['speed']['compiled_bytes'] / 2**20:.1f} MiB")
 
 # %% [markdown]
-# Fidelity is the KL divergence from the dense attention rows to `rsa`'s, on 16 sampled query
-# rows per layer, averaged over layers: how much the swapped model's attention differs from the
-# one its weights were trained for.
-#
-# ## 3. Fine-tune briefly, distilling from the dense teacher
-#
-# The fine-tune resumes the dense checkpoint (weights, optimizer and data position) with `rsa`
-# attention and `FINETUNE` more steps, adding a KL to the dense teacher's logits
-# (`config.distill.teacher_workdir`, `config.distill.weight`). The learning rate continues the
-# dense run's cosine schedule stretched to the new end, so it is already low: a gentle tune.
+# **Stage 1** puts `rsa` in place of dense attention and changes nothing else: `rsa` has no weights
+# of its own, so the dense checkpoint fits it. Fidelity is the KL from each dense attention row to
+# `rsa`'s (on sampled rows), captured mass is the share of `rsa`'s attention computed exactly (the
+# rest comes from pooled block summaries), agreement is how often its predictions match dense.
 
 # %%
-finetuned_dir = WORK / "finetuned"
-ft_config = copy_with_attention(
-    dense_dir, finetuned_dir, rsa_attention, name="rsa (fine-tuned)",
-    num_train_steps=dense["num_train_steps"] + FINETUNE, log_every_steps=FINETUNE,
-    checkpoint_every_steps=FINETUNE, **{"distill.teacher_workdir": str(dense_dir), "distill.weight": 1.0})
-finetuned = train_and_evaluate(ft_config, finetuned_dir)
+s1 = adopt(options, stop_after="stage1")["stages"]["stage1"]
+print(f"stage 1, swapped: accuracy {s1['value']:.3f} (drop {s1['metric_drop']:.2f} points), agreement with dense "
+      f"{s1['agreement']:.3f}, {s1['latency_speedup']:.2f}x dense's speed (batch-1 latency)")
+for i, (f, c) in enumerate(zip(s1["layer_fidelity"], s1["layer_captured"])):
+    print(f"  layer {i}: fidelity per head {[round(x, 4) for x in f]}, captured {[round(x, 3) for x in c]}")
 
 # %% [markdown]
-# ## 4. What the switch saves at longer lengths
+# **Stage 2** fine-tunes the swapped model for `steps` steps from the dense checkpoint (weights,
+# optimizer and data position), adding a KL to the dense teacher's predictions
+# (`config.distill`): the one trainer, in `OUT/stage2/`, a normal run directory. **Stage 3**
+# measures both models at longer lengths, where attention's share of the work grows.
+
+# %%
+report = adopt(options)
+display(Markdown((WORK / "adopt" / "report.md").read_text()))
+
+# %%
+for name in report["plots"]:
+    display(Image(filename=str(WORK / "adopt" / name)))
+
+# %% [markdown]
+# ## 4. `sparseformer monitor`
 #
-# At the task's length attention is a small part of the step. The benchmark measures the
-# attention alone, forward and backward (what a training step pays), for dense and `rsa` at
-# longer lengths: median time after warm-up, and XLA's compiled memory.
+# The fine-tuned run stored, at the end of its training, the fidelity, captured mass and agreement it
+# had on training data (`monitor_reference.json`). `monitor` measures the same on new inputs (no
+# labels needed) and exits with status 1 and a one-line reason when a threshold is crossed, for a
+# scheduled job to alert on. Here: the training file, then documents three times longer than any
+# seen in training, cut to the same length: the facts now sit among more filler blocks.
 
 # %%
-from sparseformer.bench.runner import BenchOptions, run  # noqa: E402
-
-
-class Quiet:  # the benchmark's progress bar, silenced
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
-bench = run(BenchOptions(presets=("dense", "rsa"), lengths=BENCH_LENGTHS, passes=("fwd_bwd",), repeats=3,
-                         rss="none", fidelity=False), progress=Quiet())
-by = {(r["preset"], r["length"]): r for r in bench["results"]}
+stage2_dir = report["stages"]["stage2"]["run_dir"]
+same = monitor(stage2_dir, input=str(data["train"]), sample=64)
+print(format_table(same["rows"]), "\n->", "ok" if same["ok"] else same["reason"])
+shifted = write_dataset(WORK / "shifted", num_train=64, num_eval=1, num_words=3 * SIZES["num_words"], seed=1)
+drift = monitor(stage2_dir, input=str(shifted["train"]), sample=64)
+print(format_table(drift["rows"]), "\n->", "ok" if drift["ok"] else drift["reason"])
 
 # %% [markdown]
-# ## The table
-
-# %%
-MiB = 2**20
-L = dense["max_len"]
-
-
-def cell(x, fmt):
-    return "—" if x is None else format(x, fmt)
-
-
-rows = [
-    ("dense, trained", L, dense["accuracy"], None, cell(dense["steps_per_second"], ".1f") + " steps/s",
-     cell(dense["peak_memory_bytes"] / MiB, ".1f") + " MiB"),
-    ("rsa, swapped (no training)", L, swapped["accuracy"], swapped["fidelity"], "—", "—"),
-    ("rsa, fine-tuned with distillation", L, finetuned["accuracy"], finetuned["fidelity"],
-     cell(finetuned["steps_per_second"], ".1f") + " steps/s*", cell(finetuned["peak_memory_bytes"] / MiB, ".1f") + " MiB*"),
-]
-for n in BENCH_LENGTHS:
-    d, r = by[("dense", n)], by[("rsa", n)]
-    speed = (f"{d['median_ms']:.0f} → {r['median_ms']:.0f} ms ({d['median_ms'] / r['median_ms']:.1f}× faster)"
-             if d["median_ms"] and r["median_ms"] else "—")
-    memory = (f"{d['compiled_bytes'] / MiB:.0f} → {r['compiled_bytes'] / MiB:.0f} MiB "
-              f"({r['compiled_bytes'] / d['compiled_bytes']:.2f}× dense)" if d["compiled_bytes"] and r["compiled_bytes"] else "—")
-    rows.append(("attention alone, dense → rsa, fwd+bwd", n, None, None, speed, memory))
-
-lines = ["| model | length | accuracy (%) | fidelity (KL) | speed | memory |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-for name, n, acc, fid, speed, memory in rows:
-    lines.append(f"| {name} | {n} | {cell(None if acc is None else 100 * acc, '.1f')} | {cell(fid, '.4f')} | {speed} | {memory} |")
-display(Markdown("\n".join(lines) + "\n\n*the fine-tune's step also runs the dense teacher's forward pass. "
-                 f"Attention alone: B=1, 4 heads of 64, float32, {jax.default_backend()}."))
-
-# %% [markdown]
-# Reading it: the swap needs no training and no new weights; its fidelity says how far its
-# attention is from the one the model was trained with, and the fine-tune (a few steps with the
-# teacher) pulls it back. At the task's length the training step barely changes: attention is a
-# small part of it. The last rows are why one switches: attention's time and memory grow with
-# the square of the length for dense and about linearly for `rsa`.
+# Reading it: the verdict is only as good as its thresholds and its length. Stage 1 shows what the
+# swap costs before any training; stage 2 is what you would deploy; stage 3 shows where the switch
+# pays (at short lengths attention is a small part of the work, and the block-sparse kernel's
+# overheads can make it slower). The monitor then tells you when the inputs move away from what the
+# sparse attention was checked on.

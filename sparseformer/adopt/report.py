@@ -84,7 +84,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Plots", "", "- `metric_vs_speedup.png`: the task metric against the speed-up, per stage",
               "- `fidelity.png`: fidelity (KL from dense) per layer and head, stages 1 and 2",
               "- `lengths.png`: speed-up and memory against length", "",
-              f"Seconds per stage: {', '.join(f'{k} {report['stages'][k]['seconds']:.0f}' for k in report['stages'])}.",
+              "Seconds per stage: " + ", ".join(f"{k} {st['seconds']:.0f}" for k, st in report["stages"].items()) + ".",
               ""]
     return "\n".join(lines)
 
@@ -141,8 +141,8 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
         grids = [np.asarray(s["layer_fidelity"], float) for _, s in panels]
         vmax = max(float(g.max()) for g in grids) or 1e-6
         L, H = grids[0].shape
-        fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 2.6 * len(panels) + 0.45 * H * len(panels), 1.4 + 0.45 * L),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 2.2 * len(panels) + 0.6 * H * len(panels), 1.8 + 0.5 * L),
+                                 squeeze=False, layout="constrained")
         for ax, (key, s), g in zip(axes[0], panels, grids):
             im = ax.imshow(g, cmap="magma_r", vmin=0.0, vmax=vmax, aspect="auto")
             ax.set_xticks(range(H), [str(h) for h in range(H)])
@@ -151,11 +151,11 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
             ax.set_ylabel("layer")
             ax.set_title(f"stage {key[-1]}: {'swapped' if key == 'stage1' else 'fine-tuned'}", fontsize=10)
             for (i, j), val in np.ndenumerate(g):
-                ax.text(j, i, f"{val:.3f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{val:.2g}", ha="center", va="center", fontsize=7,
                         color="white" if val > 0.6 * vmax else "black")
         fig.colorbar(im, ax=list(axes[0]), fraction=0.05, pad=0.04, label="KL(dense || sparse)")
-        fig.suptitle("fidelity per layer and head (lower is closer to dense)", fontsize=10)
-        fig.savefig(out / "fidelity.png", dpi=120, bbox_inches="tight")
+        fig.suptitle("fidelity per layer and head (lower: closer to dense)", fontsize=10)
+        fig.savefig(out / "fidelity.png", dpi=120)
         plt.close(fig)
         names.append("fidelity.png")
 

@@ -84,8 +84,8 @@ def write_split(path: str | Path, num_docs: int, *, seed: int, split: int, num_w
     return path
 
 
-def write_dataset(out: str | Path, *, num_train: int = 8000, num_eval: int = 500, num_words: int = 900,
-                  num_facts: int = 1, answer_region: float = 0.25, distractors: float = 0.02,
+def write_dataset(out: str | Path, *, num_train: int = 8000, num_eval: int = 500, num_words: int = 960,
+                  num_facts: int = 1, answer_region: float = 0.25, distractors: float = 0.0,
                   seed: int = 0) -> dict[str, Path]:
     """`train.jsonl`, `dev.jsonl` and `test.jsonl` in `out`."""
     if not 1 <= num_facts <= len(PROJECTS):
