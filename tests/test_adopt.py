@@ -5,48 +5,20 @@ the thresholds (a planted drop gives no-go). One test: the stages build on each 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sparseformer.adopt import AdoptOptions, adopt, verdict
-from sparseformer.train import cli
 
-ROOT = Path(__file__).parents[1]
-
-
-def _records(n: int, seed: int, long: bool = False) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        label = ("pos", "neg")[i % 2]
-        if long:  # 128 bytes of varied letters: no block of them is left to pooling alone in training
-            text = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), size=128))
-        else:
-            text = f"{label} " + " ".join(rng.choice(["ab", "cd", "ef"], size=int(rng.integers(2, 12))))
-        out.append({"text": text, "label": label})
-    return out
-
-
-def _write(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-
-def _teacher(root: Path) -> tuple[Path, Path]:
-    train = _write(root / "train.jsonl", _records(120, 0))
-    run = root / "dense"
-    code = cli.train_main([f"--config={ROOT}/configs/files.py:kind=classify,attention=dense,scale=tiny",
-                           f"--workdir={run}", f"--config.data.train_file={train}", "--config.num_train_steps=3",
-                           "--config.num_eval_batches=1", "--config.model.attention.selection.block_size=8"])
-    assert code == 0
-    return train, run
+sys.path.insert(0, str(Path(__file__).parent))
+from files_runs import tiny_run  # noqa: E402
 
 
 def test_adopt_report_resume_and_verdict(tmp_path, monkeypatch):
-    _, teacher = _teacher(tmp_path)
+    _, teacher = tiny_run(tmp_path, "dense")
     options = AdoptOptions(teacher=str(teacher), out=str(tmp_path / "adopt"), steps=2, lengths=(256,), repeats=2,
                            sample=16, batch_sizes=(1, 2), rss=False, price_per_hour=2.0, max_metric_drop=100.0,
                            min_speedup=0.0)

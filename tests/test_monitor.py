@@ -5,46 +5,17 @@ long inputs where rsa must leave half of the blocks to its pooled summaries."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
-
 from sparseformer import monitor as monitor_lib
-from sparseformer.train import cli
 
-ROOT = Path(__file__).parents[1]
-
-
-def _records(n: int, seed: int, long: bool = False) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        label = ("pos", "neg")[i % 2]
-        if long:  # 128 bytes of varied letters: no block of them is left to pooling alone in training
-            text = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), size=128))
-        else:
-            text = f"{label} " + " ".join(rng.choice(["ab", "cd", "ef"], size=int(rng.integers(2, 12))))
-        out.append({"text": text, "label": label})
-    return out
-
-
-def _write(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def _run(root: Path, attention: str) -> tuple[Path, Path]:
-    train = _write(root / "train.jsonl", _records(120, 0))
-    run = root / attention
-    code = cli.train_main([f"--config={ROOT}/configs/files.py:kind=classify,attention={attention},scale=tiny",
-                           f"--workdir={run}", f"--config.data.train_file={train}", "--config.num_train_steps=3",
-                           "--config.num_eval_batches=1", "--config.model.attention.selection.block_size=8"])
-    assert code == 0
-    return train, run
+sys.path.insert(0, str(Path(__file__).parent))
+from files_runs import records, tiny_run, write  # noqa: E402
 
 
 def test_monitor_passes_on_training_data_and_fails_on_planted_long_inputs(tmp_path, capsys):
-    train, run = _run(tmp_path, "rsa")
+    train, run = tiny_run(tmp_path, "rsa")
     assert monitor_lib.monitor_main([f"--workdir={run}", f"--input={train}", "--sample=64"]) == 0
     out = capsys.readouterr().out
     assert "layer 1 fidelity (KL)" in out and "agreement with dense" in out
@@ -53,7 +24,7 @@ def test_monitor_passes_on_training_data_and_fails_on_planted_long_inputs(tmp_pa
     flags = [f"--workdir={run}", "--sample=64", "--max-fidelity=0.001"]
     assert monitor_lib.monitor_main([*flags, f"--input={train}"]) == 0
     capsys.readouterr()
-    planted = _write(tmp_path / "long.jsonl", [{"text": r["text"]} for r in _records(64, 1, long=True)])  # no labels
+    planted = write(tmp_path / "long.jsonl", [{"text": r["text"]} for r in records(64, 1, long=True)])  # no labels
     report_path = tmp_path / "report.json"
     assert monitor_lib.monitor_main([*flags, f"--input={planted}", f"--out={report_path}"]) == 1
     captured = capsys.readouterr()
@@ -68,7 +39,7 @@ def test_monitor_passes_on_training_data_and_fails_on_planted_long_inputs(tmp_pa
 
 
 def test_monitor_needs_a_sparse_run(tmp_path, capsys):
-    train = _write(tmp_path / "train.jsonl", _records(20, 0))
+    train = write(tmp_path / "train.jsonl", records(20, 0))
     assert monitor_lib.monitor_main([f"--workdir={tmp_path}", f"--input={train}"]) == 2
     assert "not a run directory" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{}")  # a run without monitor_reference.json: dense attention
