@@ -429,43 +429,44 @@ class FileTask(Task):
         return data[self.label_key] if self.label_key else ""
 
     def index(self, data: ml_collections.ConfigDict, path: str, *, label_required: bool = True,
-              write: bool = True) -> FileIndex:
-        """The validated index of one file: read from the cache in `data.artifacts_dir`, else built
-        (one pass over the file) and cached there, or, with `write=False`, kept in memory until
-        `save_indexes()`."""
+              cache: str = "write") -> FileIndex:
+        """The validated index of one file, from the cache in `data.artifacts_dir` when there is
+        one, else built (one pass over the file). `cache`: `write` caches a built index there,
+        `defer` keeps it until `save_indexes()` (so that nothing is written before every file is
+        validated), `read` never writes (new inputs to monitor)."""
         path = os.path.abspath(path)
         fmt = file_format(path, data.format)
         required, label_field = self._required(data), self._label_field(data) if label_required else ""
         if not os.path.isfile(path) or not data.artifacts_dir:
             return build_index(path, fmt, required, self._label_field(data), label_required)
-        cache = index_cache_path(path, fmt, required, label_field, data.artifacts_dir)
-        if str(cache) in self._built:
-            index = self._built[str(cache)][0]
-        else:
-            index = read_index(cache, path, fmt) or build_index(path, fmt, required, self._label_field(data),
-                                                                 label_required)
-            if not cache.exists():
-                self._built[str(cache)] = (index, cache)
-        if write:
-            self.save_indexes()
+        cache_path = index_cache_path(path, fmt, required, label_field, data.artifacts_dir)
+        if str(cache_path) in self._built:
+            return self._built[str(cache_path)][0]
+        index = read_index(cache_path, path, fmt)
+        if index is None:
+            index = build_index(path, fmt, required, self._label_field(data), label_required)
+            if cache == "write":
+                write_index(index, cache_path)
+            elif cache == "defer":
+                self._built[str(cache_path)] = (index, cache_path)
         return index
 
     def save_indexes(self) -> None:
-        """Cache the indexes built with `write=False`."""
+        """Cache the indexes built with `cache="defer"`."""
         for index, cache in self._built.values():
             write_index(index, cache)
         self._built.clear()
 
-    def split_sources(self, data: ml_collections.ConfigDict, *, write: bool = True) -> dict[str, FileSource]:
+    def split_sources(self, data: ml_collections.ConfigDict, *, cache: str = "write") -> dict[str, FileSource]:
         """The three splits as `FileSource`s (a held-out split is a seeded subset of train_file)."""
-        train = self.index(data, data.train_file, write=write)
+        train = self.index(data, data.train_file, cache=cache)
         given = {s: data[key] for s, key in SPLIT_FILES.items() if s != "train" and data[key]}
         held = [s for s in ("validation", "test") if s not in given and not (s == "test" and "validation" in given)]
         parts = holdout_split(len(train), float(data.holdout_fraction), int(data.data_seed), len(held))
         out = {"train": FileSource(train, parts[0])}
         out.update({s: FileSource(train, rows) for s, rows in zip(held, parts[1:])})
         for split, path in given.items():
-            out[split] = FileSource(self.index(data, path, write=write))
+            out[split] = FileSource(self.index(data, path, cache=cache))
         if "test" not in out:
             out["test"] = out["validation"]
         return out
@@ -518,7 +519,7 @@ class FileTask(Task):
                 raise ValueError("config.data.artifacts_dir: empty; resolving a file task needs a run directory")
             data.artifacts_dir = str(Path(workdir).absolute() / "data")
         # 1. validate every file (nothing is written until all of them pass)
-        sources = self.split_sources(data, write=False)
+        sources = self.split_sources(data, cache="defer")
         if self.label_key:
             train_labels = sort_labels(sources["train"].index.record_labels()[i] for i in sources["train"].rows)
             known = list(data.labels) if resolved and data.labels else train_labels
@@ -571,7 +572,7 @@ class FileTask(Task):
         self.check_data_config(config.data)
         if not config.data.train_file:
             raise ValueError("config.data.train_file: required (a .jsonl, .csv or .tsv file of training records)")
-        self.split_sources(config.data, write=False)
+        self.split_sources(config.data, cache="read")
         return str(config.data.train_file)
 
     # --- reading --------------------------------------------------------------------------------
@@ -595,7 +596,7 @@ class FileTask(Task):
         from sparseformer.data import pipeline as pipeline_lib
 
         data = config.data
-        index = self.index(data, str(path), label_required=label_required, write=False)
+        index = self.index(data, str(path), label_required=label_required, cache="read")
         rows = np.arange(len(index))
         if limit is not None and len(rows) > limit:
             rows = np.sort(np.random.Generator(np.random.PCG64(seed)).choice(len(rows), limit, replace=False))

@@ -38,15 +38,6 @@ contracts hiring marketing research support travel weather lunch parking printer
 """.split())  # fmt: skip
 
 
-def sentence(rng: np.random.Generator, distractors: float, low: int = 5, high: int = 12) -> list[str]:
-    """Filler words; each is a status word (in no fact) with probability `distractors`."""
-    n = int(rng.integers(low, high + 1))
-    words = rng.choice(FILLER, size=n)
-    swap = rng.random(n) < distractors
-    words = np.where(swap, rng.choice(STATUSES, size=n), words)
-    return [str(w) for w in words] + ["."]
-
-
 def document(rng: np.random.Generator, num_words: int, num_facts: int, answer_region: float,
              distractors: float = 0.0) -> tuple[str, str]:
     """One report of about `num_words` words and its label (the queried project's status)."""
@@ -54,47 +45,60 @@ def document(rng: np.random.Generator, num_words: int, num_facts: int, answer_re
     statuses = rng.integers(0, len(STATUSES), size=num_facts)
     asked = int(rng.integers(0, num_facts))
     question = ["question", ":", "what", "happened", "to", "project", PROJECTS[projects[asked]]]
-    body: list[list[str]] = []
-    total = len(question)
-    while total < num_words:
-        s = sentence(rng, distractors)
-        body.append(s)
-        total += len(s)
+    # filler sentences of 5-12 words and a full stop, until the document is long enough
+    lengths = rng.integers(5, 13, size=max(1, num_words // 5))
+    count = int(np.searchsorted(np.cumsum(lengths + 1), max(1, num_words - len(question)))) + 1
+    lengths = lengths[:count]
+    words = rng.choice(FILLER, size=int(lengths.sum()))
+    if distractors:  # status words outside any fact
+        swap = rng.random(words.shape[0]) < distractors
+        words = np.where(swap, rng.choice(STATUSES, size=words.shape[0]), words)
+    cuts = np.cumsum(lengths)[:-1]
+    body = [[*map(str, part), "."] for part in np.split(words, cuts)]
     # the facts replace sentences in the leading `answer_region` of the body, in distinct places
     region = max(num_facts, int(len(body) * answer_region))
+    if len(body) < region:
+        body += [["."]] * (region - len(body))
     slots = np.sort(rng.choice(region, size=num_facts, replace=False))
     for slot, p, st in zip(slots, projects, statuses):
         body[slot] = ["project", PROJECTS[p], "was", STATUSES[st], "."]
-    words = [w for s in body for w in s] + question
-    return " ".join(words), STATUSES[statuses[asked]]
+    text = [w for sent in body for w in sent] + question
+    return " ".join(text), STATUSES[statuses[asked]]
 
 
 def write_split(path: str | Path, num_docs: int, *, seed: int, split: int, num_words: int, num_facts: int,
-                answer_region: float, distractors: float) -> Path:
-    """Write `num_docs` documents as JSON Lines (`text`, `label`) to `path` (atomically)."""
+                answer_region: float, distractors: float, min_words: int | None = None) -> Path:
+    """Write `num_docs` documents as JSON Lines (`text`, `label`) to `path` (atomically); their
+    lengths are uniform in `[min_words, num_words]` (all `num_words` by default)."""
     rng = np.random.Generator(np.random.PCG64([seed, split]))
+    low = num_words if min_words is None else min_words
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for _ in range(num_docs):
-            text, label = document(rng, num_words, num_facts, answer_region, distractors)
+            n = int(rng.integers(low, num_words + 1)) if low < num_words else num_words
+            text, label = document(rng, n, num_facts, answer_region, distractors)
             f.write(json.dumps({"text": text, "label": label}) + "\n")
     os.replace(tmp, path)
     return path
 
 
 def write_dataset(out: str | Path, *, num_train: int = 8000, num_eval: int = 500, num_words: int = 960,
-                  num_facts: int = 1, answer_region: float = 0.25, distractors: float = 0.0,
-                  seed: int = 0) -> dict[str, Path]:
-    """`train.jsonl`, `dev.jsonl` and `test.jsonl` in `out`."""
+                  min_words: int | None = None, num_facts: int = 1, answer_region: float = 0.25,
+                  distractors: float = 0.0, seed: int = 0) -> dict[str, Path]:
+    """`train.jsonl`, `dev.jsonl` and `test.jsonl` in `out`. Training documents have
+    `min_words`-`num_words` words (default: all `num_words`); dev and test all have `num_words`."""
     if not 1 <= num_facts <= len(PROJECTS):
         raise ValueError(f"num_facts: {num_facts} must be in [1, {len(PROJECTS)}]")
     if not 0.0 < answer_region <= 1.0:
         raise ValueError(f"answer_region: {answer_region} must be in (0, 1]")
     if not 0.0 <= distractors < 1.0:
         raise ValueError(f"distractors: {distractors} must be in [0, 1)")
+    if min_words is not None and not 1 <= min_words <= num_words:
+        raise ValueError(f"min_words: {min_words} must be in [1, num_words={num_words}]")
     sizes = {"train": num_train, "dev": num_eval, "test": num_eval}
     return {name: write_split(Path(out) / f"{name}.jsonl", n, seed=seed, split=i, num_words=num_words,
-                              num_facts=num_facts, answer_region=answer_region, distractors=distractors)
+                              num_facts=num_facts, answer_region=answer_region, distractors=distractors,
+                              min_words=min_words if name == "train" else None)
             for i, (name, n) in enumerate(sizes.items())}
