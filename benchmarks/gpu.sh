@@ -8,18 +8,20 @@
 #              (JAX's Pallas flash attention), rsa, rsa/exact (its exact part alone), nsa, bigbird, local
 #   3. causal  the same, causal, 4K/16K/64K: dense, dense_pallas, rsa, rsa/exact, nsa
 #   4. memory  peak device memory of a fresh process, fwd+bwd, dense and rsa, 4K/16K/64K
+#   5. breakdown  benchmarks/breakdown.py: where rsa's time goes (choice, exact kernel, compressed
+#              branch, the rest) at 4K/16K/64K, bidirectional, and causal at 16K
 #
-#   benchmarks/gpu.sh OUT_DIR [STAGE ...]        (default: all four stages)
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]        (default: all five stages)
 #
 # Each stage writes OUT_DIR/STAGE/; everything is packed into OUT_DIR/results.tar.gz as it goes
 # (the device tool returns a few files only), with OUT_DIR/summary.txt beside it. Python: $PYTHON,
 # else python3 (on the lent GPU machine: its own JAX 0.11 with CUDA); the repository goes on
 # PYTHONPATH; pure-Python packages it lacks (ml_collections) are installed from .whl/ when present
-# (fetch them here with benchmarks/gpu_wheels.sh). About 8 minutes on an H200 (compiles included).
+# (fetch them here with benchmarks/gpu_wheels.sh). About 9 minutes on an H200 (compiles included; an estimate: it has not run yet).
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR [check bidir causal memory]}
+OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR [check bidir causal memory breakdown]}
 shift
-STAGES=${*:-check bidir causal memory}
+STAGES=${*:-check bidir causal memory breakdown}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -63,7 +65,13 @@ for stage in $STAGES; do
     memory)
       bench memory --presets=dense,rsa --passes=fwd_bwd --lengths=4096,16384,65536 --rss=all \
         --no-fidelity --repeats=1 --warmup=0 ;;
-    *) echo "gpu.sh: unknown stage $stage (check, bidir, causal, memory)" >&2; exit 2 ;;
+    breakdown)
+      mkdir -p "$OUT/breakdown"
+      { "$PY" benchmarks/breakdown.py "$OUT/breakdown" --lengths=4096,16384,65536 &&
+        "$PY" benchmarks/breakdown.py "$OUT/breakdown/causal" --lengths=16384 --causal; } 2>&1 |
+        tee "$OUT/breakdown/breakdown.log" | grep "^T=" | tee -a "$OUT/summary.txt"
+      pack ;;
+    *) echo "gpu.sh: unknown stage $stage (check, bidir, causal, memory, breakdown)" >&2; exit 2 ;;
   esac
   echo "   ($stage took ${SECONDS}s)" | tee -a "$OUT/summary.txt"
 done
