@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_eval", type=int, default=500, help="documents in dev and in test")
     p.add_argument("--num_words", type=int, default=960, help="words (and punctuation) per document")
     p.add_argument("--min_words", type=int, default=None,
-                   help="training documents have min_words to num_words words (default: all num_words); dev and test num_words")
+                   help="training documents have min_words to num_words words, log-uniform (default: all num_words); dev and test num_words")
     p.add_argument("--num_facts", type=int, default=1, help="facts per document (one is asked about; more: decoys)")
     p.add_argument("--answer_region", type=float, default=0.25, help="facts lie in this leading share of the text")
     p.add_argument("--distractors", type=float, default=0.0, help="chance that a filler word is a status word")

@@ -69,7 +69,7 @@ def document(rng: np.random.Generator, num_words: int, num_facts: int, answer_re
 def write_split(path: str | Path, num_docs: int, *, seed: int, split: int, num_words: int, num_facts: int,
                 answer_region: float, distractors: float, min_words: int | None = None) -> Path:
     """Write `num_docs` documents as JSON Lines (`text`, `label`) to `path` (atomically); their
-    lengths are uniform in `[min_words, num_words]` (all `num_words` by default)."""
+    lengths are log-uniform in `[min_words, num_words]` (all `num_words` by default)."""
     rng = np.random.Generator(np.random.PCG64([seed, split]))
     low = num_words if min_words is None else min_words
     path = Path(path)
@@ -77,7 +77,8 @@ def write_split(path: str | Path, num_docs: int, *, seed: int, split: int, num_w
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for _ in range(num_docs):
-            n = int(rng.integers(low, num_words + 1)) if low < num_words else num_words
+            # log-uniform lengths: as many short documents (which teach where the answer is) as long ones
+            n = int(round(np.exp(rng.uniform(np.log(low), np.log(num_words))))) if low < num_words else num_words
             text, label = document(rng, n, num_facts, answer_region, distractors)
             f.write(json.dumps({"text": text, "label": label}) + "\n")
     os.replace(tmp, path)
