@@ -25,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_facts", type=int, default=1, help="facts per document (one is asked about; more: decoys)")
     p.add_argument("--answer_region", type=float, default=0.25, help="facts lie in this leading share of the text")
     p.add_argument("--distractors", type=float, default=0.0, help="chance that a filler word is a status word")
+    p.add_argument("--filler_words", type=int, default=None, help="distinct filler words (default: all of them)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     paths = write_dataset(a.out, num_train=a.num_train, num_eval=a.num_eval, num_words=a.num_words,
                           min_words=a.min_words, num_facts=a.num_facts, answer_region=a.answer_region,
-                          distractors=a.distractors, seed=a.seed)
+                          distractors=a.distractors, seed=a.seed,
+                          **({"filler_words": a.filler_words} if a.filler_words else {}))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -293,7 +293,7 @@ class Adoption:
             try:
                 d = speed(self.teacher, length, self.o)
                 s = speed(self.student, length, self.o)
-            except (ValueError, MemoryError) as e:  # e.g. a length the attention cannot take
+            except (ValueError, MemoryError, RuntimeError) as e:  # a length the attention cannot take; out of memory
                 rows.append({"length": length, "error": str(e).splitlines()[0]})
                 continue
             rows.append({"length": length, "dense": d, "sparse": s, **ratios(d, s)})

@@ -39,7 +39,7 @@ contracts hiring marketing research support travel weather lunch parking printer
 
 
 def document(rng: np.random.Generator, num_words: int, num_facts: int, answer_region: float,
-             distractors: float = 0.0) -> tuple[str, str]:
+             distractors: float = 0.0, filler: tuple[str, ...] = FILLER) -> tuple[str, str]:
     """One report of about `num_words` words and its label (the queried project's status)."""
     projects = rng.choice(len(PROJECTS), size=num_facts, replace=False)
     statuses = rng.integers(0, len(STATUSES), size=num_facts)
@@ -49,7 +49,7 @@ def document(rng: np.random.Generator, num_words: int, num_facts: int, answer_re
     lengths = rng.integers(5, 13, size=max(1, num_words // 5))
     count = int(np.searchsorted(np.cumsum(lengths + 1), max(1, num_words - len(question)))) + 1
     lengths = lengths[:count]
-    words = rng.choice(FILLER, size=int(lengths.sum()))
+    words = rng.choice(filler, size=int(lengths.sum()))
     if distractors:  # status words outside any fact
         swap = rng.random(words.shape[0]) < distractors
         words = np.where(swap, rng.choice(STATUSES, size=words.shape[0]), words)
@@ -67,7 +67,8 @@ def document(rng: np.random.Generator, num_words: int, num_facts: int, answer_re
 
 
 def write_split(path: str | Path, num_docs: int, *, seed: int, split: int, num_words: int, num_facts: int,
-                answer_region: float, distractors: float, min_words: int | None = None) -> Path:
+                answer_region: float, distractors: float, min_words: int | None = None,
+                filler_words: int = len(FILLER)) -> Path:
     """Write `num_docs` documents as JSON Lines (`text`, `label`) to `path` (atomically); their
     lengths are log-uniform in `[min_words, num_words]` (all `num_words` by default)."""
     rng = np.random.Generator(np.random.PCG64([seed, split]))
@@ -79,7 +80,7 @@ def write_split(path: str | Path, num_docs: int, *, seed: int, split: int, num_w
         for _ in range(num_docs):
             # log-uniform lengths: as many short documents (which teach where the answer is) as long ones
             n = int(round(np.exp(rng.uniform(np.log(low), np.log(num_words))))) if low < num_words else num_words
-            text, label = document(rng, n, num_facts, answer_region, distractors)
+            text, label = document(rng, n, num_facts, answer_region, distractors, FILLER[:filler_words])
             f.write(json.dumps({"text": text, "label": label}) + "\n")
     os.replace(tmp, path)
     return path
@@ -87,7 +88,7 @@ def write_split(path: str | Path, num_docs: int, *, seed: int, split: int, num_w
 
 def write_dataset(out: str | Path, *, num_train: int = 8000, num_eval: int = 500, num_words: int = 960,
                   min_words: int | None = None, num_facts: int = 1, answer_region: float = 0.25,
-                  distractors: float = 0.0, seed: int = 0) -> dict[str, Path]:
+                  distractors: float = 0.0, filler_words: int = len(FILLER), seed: int = 0) -> dict[str, Path]:
     """`train.jsonl`, `dev.jsonl` and `test.jsonl` in `out`. Training documents have
     `min_words`-`num_words` words (default: all `num_words`); dev and test all have `num_words`."""
     if not 1 <= num_facts <= len(PROJECTS):
@@ -96,10 +97,12 @@ def write_dataset(out: str | Path, *, num_train: int = 8000, num_eval: int = 500
         raise ValueError(f"answer_region: {answer_region} must be in (0, 1]")
     if not 0.0 <= distractors < 1.0:
         raise ValueError(f"distractors: {distractors} must be in [0, 1)")
+    if not 1 <= filler_words <= len(FILLER):
+        raise ValueError(f"filler_words: {filler_words} must be in [1, {len(FILLER)}]")
     if min_words is not None and not 1 <= min_words <= num_words:
         raise ValueError(f"min_words: {min_words} must be in [1, num_words={num_words}]")
     sizes = {"train": num_train, "dev": num_eval, "test": num_eval}
     return {name: write_split(Path(out) / f"{name}.jsonl", n, seed=seed, split=i, num_words=num_words,
                               num_facts=num_facts, answer_region=answer_region, distractors=distractors,
-                              min_words=min_words if name == "train" else None)
+                              min_words=min_words if name == "train" else None, filler_words=filler_words)
             for i, (name, n) in enumerate(sizes.items())}
