@@ -2,7 +2,7 @@
 
 Each document is a project report: filler sentences from a small English vocabulary, a few facts
 ("project birch was delayed .") near its start, and a question at its end ("question : what
-happened to project birch"; the project's name is the last word). The label is the status of the project asked about: four classes.
+happened to project birch ?"). The label is the status of the project asked about: four classes.
 The other facts are decoys (other projects, any status), so the answer is neither a keyword count
 nor anything near the question: it is `answer_region` of the document away at least, and only
 attention that reaches from the question back to the fact finds it (a local window does not).
@@ -44,7 +44,7 @@ def document(rng: np.random.Generator, num_words: int, num_facts: int, answer_re
     projects = rng.choice(len(PROJECTS), size=num_facts, replace=False)
     statuses = rng.integers(0, len(STATUSES), size=num_facts)
     asked = int(rng.integers(0, num_facts))
-    question = ["question", ":", "what", "happened", "to", "project", PROJECTS[projects[asked]]]
+    question = ["question", ":", "what", "happened", "to", "project", PROJECTS[projects[asked]], "?"]
     # filler sentences of 5-12 words and a full stop, until the document is long enough
     lengths = rng.integers(5, 13, size=max(1, num_words // 5))
     count = int(np.searchsorted(np.cumsum(lengths + 1), max(1, num_words - len(question)))) + 1
