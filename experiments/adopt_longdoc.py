@@ -8,7 +8,8 @@
 2. dense: `sparseformer train --config=configs/files.py:kind=classify,attention=dense,scale=small` on it
    (SentencePiece BPE vocabulary, the classifier reads the last token, where the question is);
 3. adopt: `sparseformer adopt --teacher=<dense> --attention=rsa` (timed: the adopt path alone);
-4. monitor: `sparseformer monitor` of the adopted run on the test file and on documents 3x longer.
+4. monitor: `sparseformer monitor` of the adopted run on the test file and on drifted documents
+   (status words scattered through the filler).
 
 Everything goes to `--workdir` (default `runs/adopt_longdoc_<scale>`); the report, its plots and a
 summary (`summary.json`) are copied to `--out` (default `experiments/results/<scale>/adopt_longdoc`).
@@ -81,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             py, "-m", "sparseformer", "adopt", f"--teacher={dense}", f"--attention={a.attention}", f"--out={adopted}",
             f"--steps={s['finetune']}", f"--lengths={s['lengths']}", "--price-per-hour=0.40", "--repeats=20"])
     if "monitor" in steps:
-        longer = work / "longer"
-        if not (longer / "test.jsonl").exists():
-            run([py, "experiments/make_longdoc.py", f"--out={longer}", "--num_train=1", f"--num_eval={s['num_eval']}",
-                 f"--num_words={3 * s['num_words']}", "--seed=1"])
-        for name, path in (("test", data / "test.jsonl"), ("longer", longer / "test.jsonl")):
+        # drifted inputs: the same reports, but status words now also appear in the filler (2% of its
+        # words), all over the document: dense attention spreads over them, rsa's 8 blocks cannot
+        shifted = work / "shifted"
+        if not (shifted / "test.jsonl").exists():
+            run([py, "experiments/make_longdoc.py", f"--out={shifted}", "--num_train=1", f"--num_eval={s['num_eval']}",
+                 f"--num_words={s['num_words']}", "--distractors=0.02", "--seed=1"])
+        for name, path in (("test", data / "test.jsonl"), ("shifted", shifted / "test.jsonl")):
             report = work / f"monitor_{name}.json"
             cmd = [py, "-m", "sparseformer", "monitor", f"--workdir={adopted / 'stage2'}", f"--input={path}",
                    f"--out={report}"]
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("report.md", "report.json", "metric_vs_speedup.png", "fidelity.png", "lengths.png"):
         if (adopted / name).exists():
             shutil.copy(adopted / name, out / name)
-    for name in ("monitor_test.json", "monitor_longer.json"):
+    for name in ("monitor_test.json", "monitor_shifted.json"):
         if (work / name).exists():
             shutil.copy(work / name, out / name)
     if (dense / "metrics.json").exists():

@@ -144,14 +144,16 @@ for name in report["plots"]:
 # The fine-tuned run stored, at the end of its training, the fidelity, captured mass and agreement it
 # had on training data (`monitor_reference.json`). `monitor` measures the same on new inputs (no
 # labels needed) and exits with status 1 and a one-line reason when a threshold is crossed, for a
-# scheduled job to alert on. Here: the training file, then documents three times longer than any
-# seen in training, cut to the same length: the facts now sit among more filler blocks.
+# scheduled job to alert on. Here: the training file, then drifted reports whose filler now also
+# holds status words, all over the document, where dense attention spreads and `rsa`'s chosen
+# blocks cannot follow.
 
 # %%
 stage2_dir = report["stages"]["stage2"]["run_dir"]
 same = monitor(stage2_dir, input=str(data["train"]), sample=64)
 print(format_table(same["rows"]), "\n->", "ok" if same["ok"] else same["reason"])
-shifted = write_dataset(WORK / "shifted", num_train=64, num_eval=1, num_words=3 * SIZES["num_words"], seed=1)
+shifted = write_dataset(WORK / "shifted", num_train=64, num_eval=1, num_words=SIZES["num_words"], distractors=0.02,
+                        seed=1)
 drift = monitor(stage2_dir, input=str(shifted["train"]), sample=64)
 print(format_table(drift["rows"]), "\n->", "ok" if drift["ok"] else drift["reason"])
 
