@@ -29,7 +29,7 @@ def test_adopt_report_resume_and_verdict(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert {p.name for p in out.glob("*.png")} == {"metric_vs_speedup.png", "fidelity.png", "lengths.png"}
     md = (out / "report.md").read_text()
-    assert "**Verdict: GO.**" in md and "Cost of a million predictions" in md and "## Longer lengths" in md
+    assert "**Verdict: GO.**" in md and "Cost of a million predictions" in md and "## Dense and adopted side by side" in md
     s0, s1, s2, s3 = (report["stages"][f"stage{i}"] for i in range(4))
     speed_keys = {"latency_ms_p50", "latency_ms_p95", "throughput_per_s", "best_batch_size", "compiled_bytes", "length"}
     assert speed_keys <= set(s0["speed"]) and speed_keys <= set(s1["speed"])
@@ -41,7 +41,9 @@ def test_adopt_report_resume_and_verdict(tmp_path, monkeypatch):
     assert {"latency_speedup", "throughput_speedup", "compiled_memory_fraction"} <= set(s1)
     assert s2["steps"] == 2 and (Path(s2["run_dir"]) / "monitor_reference.json").exists()
     assert json.loads((Path(s2["run_dir"]) / "config.json").read_text())["distill"]["teacher_workdir"]
-    assert [r["length"] for r in s3["lengths"]] == [256] and "latency_speedup" in s3["lengths"][0]
+    assert [r["length"] for r in s3["lengths"]] == [128, 256] and "latency_speedup" in s3["lengths"][0]
+    assert s3["lengths"][0]["trained_params"] and not s3["lengths"][1]["trained_params"]
+    assert report["verdict"]["speedup"] == s3["lengths"][0]["latency_speedup"]  # side by side, data's length
     assert [c["length"] for c in report["costs"]] == [128, 256]
     assert all(c["dense"] > 0 and c["sparse"] > 0 for c in report["costs"])
     v = report["verdict"]

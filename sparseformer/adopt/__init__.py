@@ -28,8 +28,8 @@ def adopt(options: AdoptOptions, log: Callable[[str], None] = print, stop_after:
     results = run.run(stop_after=stop_after)
     if stop_after is not None and stop_after != STAGES[-1]:
         return {"stages": results}
-    v = verdict(results["stage0"], results["stage1"], results.get("stage2"), max_metric_drop=options.max_metric_drop,
-                min_speedup=options.min_speedup, speedup=options.speedup)
+    v = verdict(results["stage0"], results["stage1"], results.get("stage2"), results.get("stage3"),
+                max_metric_drop=options.max_metric_drop, min_speedup=options.min_speedup, speedup=options.speedup)
     report = {
         "teacher": str(Path(options.teacher)),
         "task": run.teacher.task,

@@ -5,8 +5,9 @@
              dense, fidelity and captured mass per layer and head, speed and memory
     stage 2  a short fine-tune distilled from the dense model (the one trainer, `config.distill`):
              metric, agreement, fidelity per layer and head
-    stage 3  speed and memory of both at longer lengths (random parameters: speed does not depend
-             on their values), and the cost of a million predictions given a price per hour
+    stage 3  dense and the adopted model side by side, timed in interleaved rounds: at the data's
+             length (trained parameters) and at longer lengths (random parameters: speed does not
+             depend on their values); the cost of a million predictions given a price per hour
     verdict  go / no-go against the thresholds, with the reason in one sentence
 
 Each stage writes `DIR/stage<N>.json` atomically when it finishes, with the inputs it depends on;
@@ -288,37 +289,52 @@ class Adoption:
         return c
 
     def _stage3(self) -> dict[str, Any]:
-        rows = []
-        for length in self.lengths():
-            try:
-                d = speed(self.teacher, length, self.o)
-                s = speed(self.student, length, self.o)
-            except (ValueError, MemoryError, RuntimeError) as e:  # a length the attention cannot take; out of memory
-                rows.append({"length": length, "error": str(e).splitlines()[0]})
-                continue
-            rows.append({"length": length, "dense": d, "sparse": s, **ratios(d, s)})
-        return {"lengths": rows}
+        """Dense and the adopted run side by side (`sparseformer bench --model`'s measurement: all
+        programs of a length compiled, then timed in interleaved rounds): at the data's length with
+        their trained parameters, at `lengths` with random ones."""
+        from sparseformer.infer.bench import run_benchmark
 
+        adopted = self.results["stage2"]["run_dir"]
+        bench = run_benchmark([str(self.teacher_dir), adopted], lengths=self.lengths(),
+                              batch_sizes=self.o.batch_sizes, repeats=self.o.repeats, rss=self.o.rss,
+                              progress=lambda m: self.log(f"stage3: {m.strip()}"))
+        keep = ("length", "kernel", "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "best_batch_size",
+                "throughput_by_batch", "compiled_bytes", "peak_rss_bytes", "peak_device_bytes", "skipped", "error")
+        by = {(r["run"], r["length"]): {k: r.get(k) for k in keep} for r in bench["results"]}
+        rows = []
+        for length in [self.length, *self.lengths()]:
+            d, s = by.get((str(self.teacher_dir), length)), by.get((adopted, length))
+            if d is None or s is None or d["latency_ms_p50"] is None or s["latency_ms_p50"] is None:
+                why = "; ".join(x for x in ((d or {}).get("skipped") or (d or {}).get("error"),
+                                            (s or {}).get("skipped") or (s or {}).get("error")) if x)
+                rows.append({"length": length, "error": why or "not measured"})
+                continue
+            rows.append({"length": length, "trained_params": length == self.length, "dense": d, "sparse": s,
+                         **ratios(d, s)})
+        return {"lengths": rows, "machine": bench.get("machine")}
 
 STAGE_TITLES = {
     "stage0": "the dense model as trained",
     "stage1": "attention swapped, no training",
     "stage2": "fine-tuned with distillation from the dense model",
-    "stage3": "speed and memory at longer lengths",
+    "stage3": "dense and adopted side by side, at the data's length and longer",
 }
 
 
 # ------------------------------------------------------------------------------------- verdict
-def verdict(stage0: dict[str, Any], stage1: dict[str, Any], stage2: dict[str, Any] | None, *, max_metric_drop: float,
-            min_speedup: float, speedup: str = "latency") -> dict[str, Any]:
+def verdict(stage0: dict[str, Any], stage1: dict[str, Any], stage2: dict[str, Any] | None,
+            stage3: dict[str, Any] | None = None, *, max_metric_drop: float, min_speedup: float,
+            speedup: str = "latency") -> dict[str, Any]:
     """Go only when the adopted model (stage 2, else stage 1) loses at most `max_metric_drop` and
-    is at least `min_speedup` times faster at the data's length; the reason in one sentence."""
+    is at least `min_speedup` times faster at the data's length (stage 3's side-by-side measurement;
+    stage 1's, timed apart from stage 0's, without it); the reason in one sentence."""
     final = stage2 if stage2 is not None else stage1
     which = "after fine-tuning" if stage2 is not None else "without fine-tuning"
     drop = float(final["metric_drop"])
     key = f"{speedup}_speedup"
-    sp = stage1.get(key)
     length = stage0["speed"]["length"]
+    side = [r for r in (stage3 or {}).get("lengths", []) if r["length"] == length and "error" not in r]
+    sp = side[0].get(key) if side else stage1.get(key)
     unit = "%" if final["metric"] == "perplexity" else " points"
     what = "batch-1 latency" if speedup == "latency" else "throughput at the best batch size"
     drop_ok = drop <= max_metric_drop
@@ -337,20 +353,16 @@ def verdict(stage0: dict[str, Any], stage1: dict[str, Any], stage2: dict[str, An
                          f"less than {min_speedup:g}x")
         reason = "no-go: " + " and ".join(parts) + "."
     return {"decision": "go" if drop_ok and speed_ok else "no-go", "reason": reason, "metric_drop": drop,
-            "speedup": sp, "speedup_kind": speedup, "length": length, "max_metric_drop": max_metric_drop,
-            "min_speedup": min_speedup, "from_stage": "stage2" if stage2 is not None else "stage1"}
+            "speedup": sp, "speedup_kind": speedup, "speedup_from": "stage3" if side else "stage1", "length": length,
+            "max_metric_drop": max_metric_drop, "min_speedup": min_speedup,
+            "from_stage": "stage2" if stage2 is not None else "stage1"}
 
 
 def costs(results: dict[str, dict[str, Any]], price_per_hour: float | None) -> list[dict[str, Any]]:
-    """The cost of a million predictions before (dense) and after, per length (None without a price)."""
-    rows = []
-    s0, s1 = results.get("stage0"), results.get("stage1")
-    pairs = [(s0["speed"], s1["speed"])] if s0 and s1 else []
-    pairs += [(r["dense"], r["sparse"]) for r in results.get("stage3", {}).get("lengths", []) if "dense" in r]
-    for d, s in pairs:
-        rows.append({"length": d["length"], "dense": cost_per_million(price_per_hour, d["throughput_per_s"]),
-                     "sparse": cost_per_million(price_per_hour, s["throughput_per_s"])})
-    return rows
+    """The cost of a million predictions before (dense) and after, per length of stage 3."""
+    return [{"length": r["length"], "dense": cost_per_million(price_per_hour, r["dense"]["throughput_per_s"]),
+             "sparse": cost_per_million(price_per_hour, r["sparse"]["throughput_per_s"])}
+            for r in results.get("stage3", {}).get("lengths", []) if "dense" in r]
 
 
 def check_options(o: AdoptOptions) -> None:
