@@ -17,6 +17,7 @@ from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS
 from sparseformer.attention.selection import (
     Selection,
     block_sparse_attention,
+    causal_queries,
     choose_blocks,
     masked_block_attention,
     to_blocks,
@@ -132,9 +133,8 @@ def attend(
         kmask_b = kv_mask.reshape(B, S_pad // b, b) if padded else None
         qb = to_blocks(q_used, b)
         qids = q_pos[::b] // b
-        if causal:  # a block's choice is made from the previous block's queries
-            prev = jnp.maximum(qids - 1, 0)
-            q_est = to_blocks(qh, b)[:, :, prev]
+        if causal:  # only queries every row of the block may see choose its blocks
+            q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice)
         else:
             q_est = qb
         selection = choose_blocks(

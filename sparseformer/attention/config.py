@@ -29,6 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.selection.top_k = 0  # key blocks ranked by the importance estimate
     c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, maxkey, sampled, oracle
     c.selection.sample_rows = 4  # query rows per block scored exactly by the `sampled` estimator
+    c.selection.anchors = 1  # query sub-blocks the estimator scores apart (a block's score: the best over them), so a query block holding several groups finds what each wants
+    c.selection.causal_choice = "first_query"  # causal: which queries choose a block's keys: first_query (the block's first query, seen by every row: no lag) or previous_block (the previous block's queries: a block late)
     c.selection.kernel = "auto"  # exact part: scan (block-sparse, memory ~ T*k*b), masked (dense logits masked to the chosen blocks: same result, faster for short inputs, memory ~ T*S), auto (masked up to 512 keys)
 
     c.compression = ml_collections.ConfigDict()
@@ -59,6 +61,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "selection.top_k": int,
     "selection.estimator": str,
     "selection.sample_rows": int,
+    "selection.anchors": int,
+    "selection.causal_choice": str,
     "selection.kernel": str,
     "compression.enabled": bool,
     "compression.kind": str,
@@ -76,6 +80,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 
 
 KERNELS = ("auto", "scan", "masked")
+CAUSAL_CHOICES = ("first_query", "previous_block")
 # `auto` uses the masked kernel up to this many keys: below it, the scan's many small block
 # matmuls cost more than dense logits (CPU, 128 tokens in blocks of 8: 4x slower fwd+bwd).
 AUTO_MASKED_MAX_KEYS = 512
@@ -171,9 +176,13 @@ def validate(
 
     if sel.kernel not in KERNELS:
         raise _err("selection.kernel", sel.kernel, f"must be one of {', '.join(KERNELS)}")
-    for key in ("block_size", "sample_rows"):
+    if sel.causal_choice not in CAUSAL_CHOICES:
+        raise _err("selection.causal_choice", sel.causal_choice, f"must be one of {', '.join(CAUSAL_CHOICES)}")
+    for key in ("block_size", "sample_rows", "anchors"):
         if sel[key] < 1:
             raise _err(f"selection.{key}", sel[key], "must be >= 1")
+    if sel.block_size % sel.anchors:
+        raise _err("selection.anchors", sel.anchors, f"must divide selection.block_size={sel.block_size}")
     for key in ("window", "global_blocks", "random_blocks", "top_k"):
         if sel[key] < 0:
             raise _err(f"selection.{key}", sel[key], "must be >= 0")

@@ -54,8 +54,8 @@ def _batch_head_index(B: int, H: int) -> tuple[jax.Array, jax.Array]:
 
 
 # ---------------------------------------------------------------- importance estimators
-# Each takes query blocks `[B, H, n, b, D]` (already scaled; causal calls pass the previous
-# query block, so a block's choice never depends on its own or later queries), key blocks
+# Each takes query blocks `[B, H, n, r, D]` (already scaled; causal calls pass only queries that
+# every row of the block may see: `causal_queries`), key blocks
 # `[B, H, m, b, D]`, the key mask in blocks `[B, m, b]` (or None), the allowed block pairs
 # `[n, m]`, and returns scores `[B, H, n, m]` (higher = more important). Gradients never flow
 # through them: the choice is discrete.
@@ -110,6 +110,22 @@ def maxkey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
     if kmask_b is not None:  # a padded key is never a block's best key
         s = jnp.where(kmask_b[:, None, None], s, LOG0)
     return jnp.max(s, axis=-1)
+
+
+@ESTIMATORS.register("lsekey", exact_when_full=True)
+def lsekey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+    """The attention mass of each block for the query block's mean query: the log-sum-exp of its
+    scores against the block's keys.
+
+    The same matmul as `maxkey`, reduced by log-sum-exp instead of max: a block holding one
+    strong key scores about that key's logit (as in `maxkey`), and a block holding many fairly
+    good keys (a recurring topic) scores their summed mass, which `maxkey` ignores.
+    """
+    q_mean = jnp.mean(qb, axis=3)  # [B, H, n, D]
+    s = jnp.einsum("bhnd,bhmkd->bhnmk", q_mean, kb, preferred_element_type=jnp.float32)
+    if kmask_b is not None:
+        s = jnp.where(kmask_b[:, None, None], s, LOG0)
+    return jax.nn.logsumexp(s, axis=-1)
 
 
 def _block_mass(s_BHnrS: jax.Array, kmask_b, allowed, m: int) -> jax.Array:
@@ -174,6 +190,24 @@ def _static_slots(qids: jax.Array, m: int, cfg: ml_collections.ConfigDict, causa
     return idx, jnp.concatenate([w_valid, g_valid], axis=1)
 
 
+def anchor_scores(est, q_est, kb, kmask_b, allowed, *, cfg, rng) -> jax.Array:
+    """Scores `[B, H, n, m]` of estimator `est` with `cfg.anchors` query sub-blocks per block.
+
+    Each query block's rows are cut into `anchors` equal sub-blocks, each scored as a block of
+    its own; a key block's score is the best over the sub-blocks. A query block that holds
+    two groups of queries wanting different keys then ranks what each group wants, where one
+    mean query of the whole block would blur them. Row-local: query block i's scores depend
+    only on its own rows.
+    """
+    B, H, n, b, D = q_est.shape
+    p = min(cfg.anchors, b)
+    if p == 1:
+        return est(q_est, kb, kmask_b, allowed, cfg=cfg, rng=rng)
+    q_sub = q_est.reshape(B, H, n * p, b // p, D)
+    scores = est(q_sub, kb, kmask_b, jnp.repeat(allowed, p, axis=0), cfg=cfg, rng=rng)
+    return jnp.max(scores.reshape(B, H, n, p, -1), axis=3)
+
+
 def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     vals, idx = jax.lax.top_k(scores, k)
     return idx.astype(jnp.int32), vals > NEG_INF
@@ -193,14 +227,15 @@ def choose_blocks(
     """Pick the key blocks of each query block.
 
     Args:
-      q_est: query blocks the estimator sees `[B, H, n, b, D]` (causal: the previous block's).
+      q_est: query rows the estimator sees per query block `[B, H, n, r, D]` (bidirectional: the
+        block's own `b` rows; causal: `causal_queries`).
       kb: key blocks `[B, H, m, b, D]`.
       kmask_b: key padding mask in blocks `[B, m, b]` or None.
       qids: `[n]` index of each query block among all `num_query_blocks`.
       rng: drives random blocks and the `sampled` estimator.
     """
-    B, H, n, b, _ = q_est.shape
-    m = kb.shape[2]
+    B, H, n = q_est.shape[:3]
+    m, b = kb.shape[2], kb.shape[3]
     idx0, valid0 = _static_slots(qids, m, cfg, causal)
     idx_list = [jnp.broadcast_to(idx0, (B, H) + idx0.shape)]
     valid_list = [jnp.broadcast_to(valid0, (B, H) + valid0.shape)]
@@ -218,7 +253,8 @@ def choose_blocks(
         free = free & ~jnp.any(jax.nn.one_hot(idx_r, m, dtype=jnp.bool_) & valid_r[..., None], axis=-2)
     if cfg.top_k:
         est = ESTIMATORS.get(cfg.estimator).fn
-        scores = est(jax.lax.stop_gradient(q_est), jax.lax.stop_gradient(kb), kmask_b, allowed, cfg=cfg, rng=rng)
+        q_sg, k_sg = jax.lax.stop_gradient(q_est), jax.lax.stop_gradient(kb)
+        scores = anchor_scores(est, q_sg, k_sg, kmask_b, allowed, cfg=cfg, rng=rng)
         idx_t, valid_t = _top(jnp.where(free, jax.lax.stop_gradient(scores), NEG_INF), cfg.top_k)
         idx_list.append(idx_t)
         valid_list.append(valid_t)
@@ -229,6 +265,22 @@ def choose_blocks(
         block_size=b,
         num_key_blocks=m,
     )
+
+
+def causal_queries(qh_BHTD: jax.Array, qids: jax.Array, b: int, how: str) -> jax.Array:
+    """The queries a causal query block chooses its key blocks from: `[B, H, n, r, D]`.
+
+    Every row of the block may depend on them, so the choice leaks nothing from the future:
+      first_query     the block's first query (`r = 1`): no lag, whatever changes at or before
+                      the block's start is seen by the block itself;
+      previous_block  the previous block's `b` queries (block 0 uses its own first query): the
+                      choice is one block late.
+    """
+    if how == "first_query":
+        return qh_BHTD[:, :, qids * b][:, :, :, None]
+    prev = to_blocks(qh_BHTD, b)[:, :, jnp.maximum(qids - 1, 0)]
+    first = qh_BHTD[:, :, qids * b][:, :, :, None]
+    return jnp.where((qids > 0)[:, None, None], prev, first)
 
 
 # ---------------------------------------------------------------- block-sparse exact attention
