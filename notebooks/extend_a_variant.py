@@ -78,7 +78,7 @@ STEPS = {"tiny": 30, "small": None}[SCALE]
 GROUPS = 4
 
 
-def groupmax_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+def groupmax_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """Score of each key block's best key for any of the query block's group-mean queries."""
     B, H, n, b, D = qb.shape
     q_groups_BHngD = jnp.mean(qb.reshape(B, H, n, GROUPS, b // GROUPS, D), axis=4)

@@ -93,8 +93,9 @@ def attend(
     validate(config, causal=causal, seq_len=T, kv_len=S, padded=padded)
     if H % Hk:
         raise ValueError(f"model.attention: query heads {H} must be a multiple of key/value heads {Hk}")
+    group = H // Hk  # query heads per key/value head: they share one choice of blocks
     if Hk != H:
-        k, v = jnp.repeat(k, H // Hk, axis=2), jnp.repeat(v, H // Hk, axis=2)
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     sel_cfg, comp_cfg, corr = config.selection, config.compression, config.correction
     params = params or {}
     required = init_params_names(config)
@@ -138,14 +139,14 @@ def attend(
         else:
             q_est = qb
         selection = choose_blocks(
-            q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng
+            q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng, group=group
         )
         if selection_kernel(config, S_pad) == "masked":
             kv_m = kv_mask if padded else None
             out_b, lse_b = masked_block_attention(causal, q_used, kh, vh, selection, kv_m, q_pos)
         else:
-            idx, valid = selection.idx, selection.valid
-            out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, idx, valid, kmask_b, qids)
+            idx, valid, start = selection.idx, selection.valid, selection.row_start
+            out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, idx, valid, start, kmask_b, qids)
         branches.append(Branch.from_softmax(out_b.reshape(B, H, Tq, D), lse_b.reshape(B, H, Tq)))
 
     comp_state: Any = None
@@ -212,8 +213,7 @@ def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gate
     logws = []
     chosen_keys = None
     if selection is not None:
-        b = selection.block_size
-        chosen_keys = _expand_blocks(selection.block_mask()[:, :, rows // b], S)
+        chosen_keys = _expand_blocks(selection.rows_block_mask(rows), S)
         logws.append(jnp.where(keys & chosen_keys, s_rows, LOG0))
     if comp_state is not None:
         row_logw = COMPRESSIONS.get(config.compression.kind).extras["row_logw"]

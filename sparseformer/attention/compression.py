@@ -26,7 +26,7 @@ from sparseformer.attention.config import pool_block_size
 from sparseformer.attention.correction import Branch
 from sparseformer.attention.dense import LOG0, masked_softmax
 from sparseformer.attention.registry import COMPRESSIONS
-from sparseformer.attention.selection import Selection, _gather, slot_mask, to_blocks
+from sparseformer.attention.selection import Selection, _gather, _slots, map_chunks, slot_mask, to_blocks
 
 TINY = 1e-30
 
@@ -85,17 +85,28 @@ def _pool_logits(q, k_mean, var, moments: bool):
     return jnp.einsum("bhtd,bhcd->bhtc", q, k_mean.astype(jnp.float32))
 
 
-def _pool_chunk_mask(q_pos, cnt, p, *, causal, sel: Selection | None):
-    """`[B|1, H|1, T, nc]` summary tokens a query may use."""
+def _pool_chunk_mask(q_pos, cnt, p, *, causal, sel: Selection | None, rows=None):
+    """`[B|1, H|1, T, nc]` summary tokens a query may use (`rows`: the queries' offsets into the
+    selection's rows, needed with `sel`)."""
     nc = cnt.shape[-1]
     mask = (cnt > 0)[:, :, None, :]
     if causal:  # only chunks entirely in the past
         mask = mask & (((jnp.arange(nc) + 1) * p - 1)[None, :] <= q_pos[:, None])[None, None]
-    if sel is not None:  # exclusion: chunks inside blocks selection computed exactly
-        chunk_sel = jnp.repeat(sel.block_mask(), sel.block_size // p, axis=-1)  # [B, H, n, nc]
-        chunk_sel = jnp.repeat(chunk_sel, sel.block_size, axis=2)  # [B, H, T, nc]
+    if sel is not None:  # exclusion: chunks inside blocks selection computed exactly for that row
+        chunk_sel = jnp.repeat(sel.rows_block_mask(rows), sel.block_size // p, axis=-1)  # [B, H, T, nc]
         mask = mask & ~chunk_sel
     return mask
+
+
+# Logits of one chunk of query rows against every summary token, per (batch, head): the pooled
+# branch is computed chunk by chunk (each chunk rematerialised in the backward pass), so neither
+# the `T x S/p` logits nor their softmax is kept, and memory grows like T, not T x S/p.
+POOL_CHUNK_ELEMENTS = 1 << 20
+
+
+def pool_chunk_rows(num_rows: int, num_summaries: int) -> int:
+    """Query rows per chunk of the pooled branch."""
+    return max(1, min(num_rows, POOL_CHUNK_ELEMENTS // max(1, num_summaries)))
 
 
 @COMPRESSIONS.register("pool", exact_when_full=True, supports_exclusion=True)
@@ -105,9 +116,17 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
     p = pool_block_size(config)
     moments = config.compression.pool_moments
     k_mean, v_mean, cnt, var = _pool_summaries(k, v, kv_mask, p)
-    s = _pool_logits(q, k_mean, var, moments) + jnp.log(jnp.maximum(cnt, 1.0))[:, :, None, :]
-    mask = _pool_chunk_mask(q_pos, cnt, p, causal=causal, sel=sel)
-    out, lse = masked_softmax(s, mask, v_mean, "bhtc,bhcd->bhtd")
+    log_cnt = jnp.log(jnp.maximum(cnt, 1.0))[:, :, None, :]
+
+    def rows_chunk(q_c, pos_c, rows_c):
+        s = _pool_logits(q_c, k_mean, var, moments) + log_cnt
+        mask = _pool_chunk_mask(pos_c, cnt, p, causal=causal, sel=sel, rows=rows_c)
+        return masked_softmax(s, mask, v_mean, "bhtc,bhcd->bhtd")
+
+    T = q.shape[2]
+    chunk = pool_chunk_rows(T, k_mean.shape[2])
+    fn = rows_chunk if chunk >= T else jax.checkpoint(rows_chunk)
+    out, lse = map_chunks(fn, chunk, T, (q, q_pos, jnp.arange(T)), (2, 0, 0))
     return Branch.from_softmax(out, lse), dict(k_mean=k_mean, var=var, cnt=cnt, p=p, moments=moments)
 
 
@@ -139,17 +158,16 @@ def _subtract_on_support(phq, phk, v, kv_mask, sel: Selection, causal: bool):
     kmask_b = None if kv_mask is None else kv_mask.reshape(B, -1, b)
 
     @jax.checkpoint
-    def body(carry, xs):
+    def body(carry, slot):
         num, den = carry
-        idx_j, valid_j = xs
+        idx_j, valid_j, start_j = slot
         w = jnp.einsum("bhnqr,bhnkr->bhnqk", phq_b, _gather(phk_b, idx_j))
-        w = jnp.where(slot_mask(idx_j, valid_j, kmask_b, sel.qids, causal, b), w, 0.0)
+        w = jnp.where(slot_mask(idx_j, valid_j, kmask_b, sel.qids, causal, b, start_j), w, 0.0)
         num = num + jnp.einsum("bhnqk,bhnkd->bhnqd", w, _gather(vb, idx_j).astype(jnp.float32))
         return (num, den + jnp.sum(w, -1)), None
 
     init = (jnp.zeros(phq_b.shape[:4] + (D,), jnp.float32), jnp.zeros(phq_b.shape[:4], jnp.float32))
-    xs = (jnp.moveaxis(sel.idx, -1, 0), jnp.moveaxis(sel.valid, -1, 0))
-    (num, den), _ = jax.lax.scan(body, init, xs)
+    (num, den), _ = jax.lax.scan(body, init, _slots(sel.idx, sel.valid, sel.row_start))
     return num.reshape(B, H, T, D), den.reshape(B, H, T)
 
 

@@ -33,12 +33,20 @@ def seed(key: jax.Array, stream: int) -> jax.Array:
     return s
 
 
+def uniform_at(key: jax.Array, index: jax.Array, stream: int) -> jax.Array:
+    """float32 in [0, 1): element `index` of the stream (any integer array; same shape out).
+
+    `uniform(key, shape, stream)` is `uniform_at` of `arange(prod(shape))`, so a part of a large
+    table (the rows of some query blocks, say) can be drawn without drawing the whole table."""
+    bits = _mix(index.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + seed(key, stream))
+    bits = _mix(bits ^ seed(key, stream + 0x5BD1E995))
+    return (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
 def uniform(key: jax.Array, shape: tuple[int, ...], stream: int) -> jax.Array:
     """float32 in [0, 1) of `shape`."""
     n = int(np.prod(shape)) if shape else 1
-    bits = _mix(jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + seed(key, stream))
-    bits = _mix(bits ^ seed(key, stream + 0x5BD1E995))
-    return ((bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))).reshape(shape)
+    return uniform_at(key, jnp.arange(n, dtype=jnp.uint32), stream).reshape(shape)
 
 
 def normal(key: jax.Array, shape: tuple[int, ...], stream: int) -> jax.Array:

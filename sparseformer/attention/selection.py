@@ -30,18 +30,48 @@ NEG_INF = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """The chosen key blocks of each query block (what exclusion and diagnostics need)."""
+    """The chosen key blocks of each query block: the contract between choosing and computing.
+
+    Every exact kernel (`masked`, `scan`, `pallas`) consumes exactly this. With grouped-query
+    attention the query heads of one key/value head share their choice (`group` heads in a row
+    hold equal `idx`, `valid` and `row_start`), so a fused kernel loads a key block once for the
+    whole group.
+    """
 
     idx: jax.Array  # [B, H, n, K] int32 key-block index per slot
     valid: jax.Array  # [B, H, n, K] bool: slot holds a real, distinct block
     qids: jax.Array  # [n] int32: the index of each query block
     block_size: int
     num_key_blocks: int
+    # [B, H, n, K] int32 or None: slot j of a query block is used only by its rows r >= row_start
+    # (offset inside the block); None means every row. The one per-row freedom the kernels support.
+    row_start: jax.Array | None = None
+    group: int = 1  # query heads per key/value head sharing one choice
 
     def block_mask(self) -> jax.Array:
-        """`[B, H, n, m]` bool: key block chosen for query block."""
-        hot = jax.nn.one_hot(self.idx, self.num_key_blocks, dtype=jnp.bool_) & self.valid[..., None]
-        return jnp.any(hot, axis=-2)
+        """`[B, H, n, m]` bool: key block chosen for (some row of) the query block."""
+        return slots_to_blocks(self.idx, self.valid, self.num_key_blocks)
+
+    def rows_block_mask(self, rows: jax.Array) -> jax.Array:
+        """`[B, H, R, m]` bool: the key blocks computed exactly for each of `rows` (`[R]` offsets
+        into the selection's query rows, i.e. `block * block_size + row in block`)."""
+        b = self.block_size
+        blk = rows // b
+        if self.row_start is None:  # rows of a block share its blocks: no per-row scatter
+            return self.block_mask()[:, :, blk]
+        use = self.valid[:, :, blk]
+        if self.row_start is not None:
+            use = use & ((rows % b)[:, None] >= self.row_start[:, :, blk])
+        return slots_to_blocks(self.idx[:, :, blk], use, self.num_key_blocks)
+
+
+def slots_to_blocks(idx: jax.Array, use: jax.Array, m: int) -> jax.Array:
+    """`[..., K]` slots -> `[..., m]` bool block mask, by a scatter (no `K x m` one-hot)."""
+    lead, K = idx.shape[:-1], idx.shape[-1]
+    flat_idx, flat_use = idx.reshape(-1, K), use.reshape(-1, K)
+    rows = jnp.arange(flat_idx.shape[0])[:, None]
+    hit = jnp.zeros((flat_idx.shape[0], m), jnp.int8).at[rows, flat_idx].max(flat_use.astype(jnp.int8))
+    return hit.reshape(lead + (m,)) > 0
 
 
 def to_blocks(x: jax.Array, b: int) -> jax.Array:
@@ -57,8 +87,13 @@ def _batch_head_index(B: int, H: int) -> tuple[jax.Array, jax.Array]:
 # Each takes query blocks `[B, H, n, r, D]` (already scaled; causal calls pass only queries that
 # every row of the block may see: `causal_queries`), key blocks
 # `[B, H, m, b, D]`, the key mask in blocks `[B, m, b]` (or None), the allowed block pairs
-# `[n, m]`, and returns scores `[B, H, n, m]` (higher = more important). Gradients never flow
-# through them: the choice is discrete.
+# `[n, m]`, and keywords `cfg` (model.attention.selection), `rng` and `qids` (`[n]`, the index
+# of each query block, for draws that must not depend on which blocks share a call), and
+# returns scores `[B, H, n, m]` (higher = more important). Scores are row-local: query block i's
+# scores depend only on its own inputs, so `choose_blocks` may score the blocks in chunks
+# (bounded memory). The extra `rows_scored(cfg) -> int` (default 1) says how many rows of S
+# scores one query block needs, which sizes the chunks. Gradients never flow through them: the
+# choice is discrete.
 
 
 def _masked(kb: jax.Array, kmask_b: jax.Array | None, fill: float) -> jax.Array:
@@ -68,7 +103,7 @@ def _masked(kb: jax.Array, kmask_b: jax.Array | None, fill: float) -> jax.Array:
 
 
 @ESTIMATORS.register("pooled", exact_when_full=True)
-def pooled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+def pooled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """Mean query of the block against the mean key of each block: cheap, but a single
     strong key is averaged away among the other keys of its block."""
     q_mean = jnp.mean(qb, axis=3)
@@ -81,7 +116,7 @@ def pooled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
 
 
 @ESTIMATORS.register("bound", exact_when_full=True)
-def bound_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+def bound_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """Upper bound of any key's score in a block, maximised over the queries of the block.
 
     Per key block, the elementwise min and max of its keys bound every key's score:
@@ -98,7 +133,7 @@ def bound_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
 
 
 @ESTIMATORS.register("maxkey", exact_when_full=True)
-def maxkey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+def maxkey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """The score of each block's best key for the query block's mean query.
 
     Exact per key, so a lone strong key is neither averaged away (as in `pooled`) nor drowned
@@ -113,7 +148,7 @@ def maxkey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
 
 
 @ESTIMATORS.register("lsekey", exact_when_full=True)
-def lsekey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+def lsekey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """The attention mass of each block for the query block's mean query: the log-sum-exp of its
     scores against the block's keys.
 
@@ -141,29 +176,37 @@ def _block_mass(s_BHnrS: jax.Array, kmask_b, allowed, m: int) -> jax.Array:
 
 
 @ESTIMATORS.register("sampled", exact_when_full=True)
-def sampled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+def sampled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """Exact scores of a few query rows per block against every key, reduced to the
     attention mass of each key block: a random estimate of the block's mass."""
     B, H, n, b, D = qb.shape
     r = min(cfg.sample_rows, b)
+    width = b // r
     if rng is None:
-        rows = jnp.broadcast_to((jnp.arange(r) * (b // r))[None, :], (n, r))
-    else:
-        rows = rand.stratified(rng, b, r, stream=3, batch=(n,))
+        rows = jnp.broadcast_to((jnp.arange(r) * width)[None, :], (n, r))
+    else:  # one draw per stratum, indexed by the query block (the same in any chunking)
+        u = rand.uniform_at(rng, qids[:, None] * r + jnp.arange(r)[None, :], stream=3)
+        rows = jnp.arange(r) * width + jnp.minimum((u * width).astype(jnp.int32), width - 1)
     q_rows = jnp.take_along_axis(qb, rows[None, None, :, :, None], axis=3)  # [B, H, n, r, D]
     k = kb.reshape(B, H, -1, D)
     s = jnp.einsum("bhnrd,bhsd->bhnrs", q_rows, k, preferred_element_type=jnp.float32)
     return _block_mass(s, kmask_b, allowed, kb.shape[2])
 
 
+ESTIMATORS.add_extra("sampled", "rows_scored", lambda cfg: min(cfg.sample_rows, cfg.block_size))
+
+
 @ESTIMATORS.register("oracle", exact_when_full=True)
-def oracle_estimator(qb, kb, kmask_b, allowed, *, cfg, rng):
+def oracle_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """The exact attention mass of each block (quadratic: for analysis, and as the upper
     bound of what any estimator can reach)."""
     B, H, n, b, D = qb.shape
     k = kb.reshape(B, H, -1, D)
     s = jnp.einsum("bhnqd,bhsd->bhnqs", qb, k, preferred_element_type=jnp.float32)
     return _block_mass(s, kmask_b, allowed, kb.shape[2])
+
+
+ESTIMATORS.add_extra("oracle", "rows_scored", lambda cfg: cfg.block_size)
 
 
 # ---------------------------------------------------------------- choosing the blocks
@@ -190,7 +233,7 @@ def _static_slots(qids: jax.Array, m: int, cfg: ml_collections.ConfigDict, causa
     return idx, jnp.concatenate([w_valid, g_valid], axis=1)
 
 
-def anchor_scores(est, q_est, kb, kmask_b, allowed, *, cfg, rng) -> jax.Array:
+def anchor_scores(est, q_est, kb, kmask_b, allowed, *, cfg, rng, qids) -> jax.Array:
     """Scores `[B, H, n, m]` of estimator `est` with `cfg.anchors` query sub-blocks per block.
 
     Each query block's rows are cut into `anchors` equal sub-blocks, each scored as a block of
@@ -202,15 +245,84 @@ def anchor_scores(est, q_est, kb, kmask_b, allowed, *, cfg, rng) -> jax.Array:
     B, H, n, b, D = q_est.shape
     p = min(cfg.anchors, b)
     if p == 1:
-        return est(q_est, kb, kmask_b, allowed, cfg=cfg, rng=rng)
+        return est(q_est, kb, kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
     q_sub = q_est.reshape(B, H, n * p, b // p, D)
-    scores = est(q_sub, kb, kmask_b, jnp.repeat(allowed, p, axis=0), cfg=cfg, rng=rng)
+    scores = est(q_sub, kb, kmask_b, jnp.repeat(allowed, p, axis=0), cfg=cfg, rng=rng, qids=jnp.repeat(qids, p))
     return jnp.max(scores.reshape(B, H, n, p, -1), axis=3)
 
 
 def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     vals, idx = jax.lax.top_k(scores, k)
     return idx.astype(jnp.int32), vals > NEG_INF
+
+
+# Transient scores of one chunk of query blocks: at most this many per (batch, head). The
+# estimators hold `rows_scored x S` scores per query block, which would grow like `T x S / b`
+# if all blocks were scored at once (1 GB at 64K tokens for `maxkey`, 4 heads, float32).
+ESTIMATE_CHUNK_ELEMENTS = 1 << 20
+
+
+def estimate_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, kv_len: int) -> int:
+    """Query blocks scored together: as many as keep one chunk's scores within budget."""
+    rows = ESTIMATORS.get(cfg.estimator).extras.get("rows_scored", lambda c: 1)(cfg) if cfg.top_k else 1
+    rows = min(cfg.block_size, rows * cfg.anchors)  # anchors are scored as blocks of their own
+    return max(1, min(num_query_blocks, ESTIMATE_CHUNK_ELEMENTS // max(1, rows * kv_len)))
+
+
+def map_chunks(fn, chunk: int, n: int, blocked: tuple, axes: tuple[int, ...], shared: tuple = ()):
+    """`fn(*chunk_of_blocked, *shared)` over chunks of `chunk` blocks along `axes` (one per
+    `blocked` array); every output has its block axis at 2 and is concatenated back there. One
+    call when `chunk >= n`; else a `lax.map` over equal chunks (n padded by repeating the last
+    block, the padding dropped)."""
+    if chunk >= n:
+        return fn(*blocked, *shared)
+    n_pad = -(-n // chunk) * chunk
+
+    def split(x, axis):
+        if n_pad > n:
+            edge = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+            x = jnp.concatenate([x, jnp.repeat(edge, n_pad - n, axis=axis)], axis=axis)
+        x = x.reshape(x.shape[:axis] + (n_pad // chunk, chunk) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    outs = jax.lax.map(lambda xs: fn(*xs, *shared), tuple(split(x, a) for x, a in zip(blocked, axes)))
+
+    def join(y):
+        y = jnp.moveaxis(y, 0, 2)
+        return y.reshape(y.shape[:2] + (n_pad,) + y.shape[4:])[:, :, :n]
+
+    return jax.tree.map(join, outs)
+
+
+def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, num_query_blocks, group):
+    """Random and top-k slots of some query blocks: `idx, valid` `[B, H // group, n, R + k]`."""
+    B, H, n, _, _ = q_est.shape
+    m = kb.shape[2]
+    Hk = H // group
+    allowed = (jnp.arange(m)[None, :] <= qids[:, None]) if causal else jnp.ones((n, m), bool)
+    taken = slots_to_blocks(idx0, valid0, m)  # [n, m]
+    free = jnp.broadcast_to(allowed & ~taken, (B, Hk, n, m))
+    if kmask_b is not None:
+        free = free & jnp.any(kmask_b, axis=-1)[:, None, None, :]  # never choose an all-padding block
+    idx_list, valid_list = [], []
+    if cfg.random_blocks:
+        # one table [Hk, all query blocks, m], drawn where needed: decoding draws what the full pass drew
+        cell = (jnp.arange(Hk)[:, None, None] * num_query_blocks + qids[None, :, None]) * m + jnp.arange(m)
+        u = rand.uniform_at(rng, cell, stream=1)
+        idx_r, valid_r = _top(jnp.where(free, u[None], NEG_INF), cfg.random_blocks)
+        idx_list.append(idx_r)
+        valid_list.append(valid_r)
+        free = free & ~slots_to_blocks(idx_r, valid_r, m)
+    if cfg.top_k:
+        est = ESTIMATORS.get(cfg.estimator).fn
+        sg = jax.lax.stop_gradient
+        scores = sg(anchor_scores(est, sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids))
+        if group > 1:  # a group's heads share one choice: the blocks their masses favour together
+            scores = jax.nn.logsumexp(scores.reshape(B, Hk, group, n, m), axis=2)
+        idx_t, valid_t = _top(jnp.where(free, scores, NEG_INF), cfg.top_k)
+        idx_list.append(idx_t)
+        valid_list.append(valid_t)
+    return jnp.concatenate(idx_list, -1), jnp.concatenate(valid_list, -1)
 
 
 def choose_blocks(
@@ -223,48 +335,40 @@ def choose_blocks(
     cfg: ml_collections.ConfigDict,
     causal: bool,
     rng: jax.Array,
+    group: int = 1,
 ) -> Selection:
     """Pick the key blocks of each query block.
 
     Args:
       q_est: query rows the estimator sees per query block `[B, H, n, r, D]` (bidirectional: the
         block's own `b` rows; causal: `causal_queries`).
-      kb: key blocks `[B, H, m, b, D]`.
+      kb: key blocks `[B, H, m, b, D]` (grouped-query attention: repeated to the query heads).
       kmask_b: key padding mask in blocks `[B, m, b]` or None.
       qids: `[n]` index of each query block among all `num_query_blocks`.
       rng: drives random blocks and the `sampled` estimator.
+      group: query heads per key/value head; the heads of a group share one choice.
+
+    The estimate is computed per chunk of query blocks (`estimate_chunk`), so its transient
+    scores stay bounded whatever the length; the result does not depend on the chunking.
     """
     B, H, n = q_est.shape[:3]
     m, b = kb.shape[2], kb.shape[3]
+    if H % group:
+        raise ValueError(f"model.attention: {H} query heads are not a multiple of the group size {group}")
     idx0, valid0 = _static_slots(qids, m, cfg, causal)
-    idx_list = [jnp.broadcast_to(idx0, (B, H) + idx0.shape)]
-    valid_list = [jnp.broadcast_to(valid0, (B, H) + valid0.shape)]
-    allowed = (jnp.arange(m)[None, :] <= qids[:, None]) if causal else jnp.ones((n, m), bool)
-    taken = jnp.any(jax.nn.one_hot(idx0, m, dtype=jnp.bool_) & valid0[..., None], axis=-2)  # [n, m]
-    free = jnp.broadcast_to(allowed & ~taken, (B, H, n, m))
-    if kmask_b is not None:
-        free = free & jnp.any(kmask_b, axis=-1)[:, None, None, :]  # never choose an all-padding block
-    if cfg.random_blocks:
-        # one table for all query blocks, indexed by qids: decoding draws what the full pass drew
-        u = rand.uniform(rng, (H, num_query_blocks, m), stream=1)[:, qids]
-        idx_r, valid_r = _top(jnp.where(free, u[None], NEG_INF), cfg.random_blocks)
-        idx_list.append(idx_r)
-        valid_list.append(valid_r)
-        free = free & ~jnp.any(jax.nn.one_hot(idx_r, m, dtype=jnp.bool_) & valid_r[..., None], axis=-2)
-    if cfg.top_k:
-        est = ESTIMATORS.get(cfg.estimator).fn
-        q_sg, k_sg = jax.lax.stop_gradient(q_est), jax.lax.stop_gradient(kb)
-        scores = anchor_scores(est, q_sg, k_sg, kmask_b, allowed, cfg=cfg, rng=rng)
-        idx_t, valid_t = _top(jnp.where(free, jax.lax.stop_gradient(scores), NEG_INF), cfg.top_k)
-        idx_list.append(idx_t)
-        valid_list.append(valid_t)
-    return Selection(
-        idx=jnp.concatenate(idx_list, axis=-1),
-        valid=jnp.concatenate(valid_list, axis=-1),
-        qids=qids,
-        block_size=b,
-        num_key_blocks=m,
-    )
+    idx = jnp.broadcast_to(idx0, (B, H // group) + idx0.shape)
+    valid = jnp.broadcast_to(valid0, (B, H // group) + valid0.shape)
+    if cfg.random_blocks or cfg.top_k:
+        fn = functools.partial(
+            _dynamic_slots, cfg=cfg, causal=causal, num_query_blocks=num_query_blocks, group=group
+        )
+        chunk = estimate_chunk(cfg, n, m * b)
+        idx_d, valid_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
+        idx = jnp.concatenate([idx, idx_d], axis=-1)
+        valid = jnp.concatenate([valid, valid_d], axis=-1)
+    if group > 1:
+        idx, valid = jnp.repeat(idx, group, axis=1), jnp.repeat(valid, group, axis=1)
+    return Selection(idx=idx, valid=valid, qids=qids, block_size=b, num_key_blocks=m, group=group)
 
 
 def causal_queries(qh_BHTD: jax.Array, qids: jax.Array, b: int, how: str) -> jax.Array:
@@ -286,9 +390,11 @@ def causal_queries(qh_BHTD: jax.Array, qids: jax.Array, b: int, how: str) -> jax
 # ---------------------------------------------------------------- block-sparse exact attention
 
 
-def slot_mask(idx_j, valid_j, kmask_b, qids, causal: bool, b: int) -> jax.Array:
+def slot_mask(idx_j, valid_j, kmask_b, qids, causal: bool, b: int, start_j=None) -> jax.Array:
     """Allowed (query, key) pairs of one slot: `[B, H, n, b, b]` (broadcastable)."""
     mask = valid_j[..., None, None]
+    if start_j is not None:  # the slot serves only the rows from its start on
+        mask = mask & (jnp.arange(b)[:, None] >= start_j[..., None, None])
     if kmask_b is not None:
         B, H = idx_j.shape[:2]
         bi, _ = _batch_head_index(B, H)
@@ -306,25 +412,31 @@ def _gather(x_BHmbD: jax.Array, idx_BHn: jax.Array) -> jax.Array:
     return x_BHmbD[bi, hi, idx_BHn]
 
 
-def _slot_scores(qb, kb, idx_j, valid_j, kmask_b, qids, causal):
+def _slot_scores(qb, kb, slot, kmask_b, qids, causal):
+    idx_j, valid_j, start_j = slot
     k_j = _gather(kb, idx_j)
     s = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, k_j, preferred_element_type=jnp.float32)
-    mask = slot_mask(idx_j, valid_j, kmask_b, qids, causal, qb.shape[3])
+    mask = slot_mask(idx_j, valid_j, kmask_b, qids, causal, qb.shape[3], start_j)
     return s, mask, k_j
 
 
-def _forward(causal, qb, kb, vb, idx, valid, kmask_b, qids):
+def _slots(idx, valid, row_start):
+    """The scan's per-slot inputs: `(idx, valid, row_start)` with the slot axis first."""
+    first = lambda x: None if x is None else jnp.moveaxis(x, -1, 0)  # noqa: E731
+    return (first(idx), first(valid), first(row_start))
+
+
+def _forward(causal, qb, kb, vb, idx, valid, row_start, kmask_b, qids):
     B, H, n, b, D = qb.shape
 
-    def body(carry, xs):
+    def body(carry, slot):
         m, l, acc = carry
-        idx_j, valid_j = xs
-        s, mask, _ = _slot_scores(qb, kb, idx_j, valid_j, kmask_b, qids, causal)
+        s, mask, _ = _slot_scores(qb, kb, slot, kmask_b, qids, causal)
         s = jnp.where(mask, s, LOG0)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        v_j = _gather(vb, idx_j)
+        v_j = _gather(vb, slot[0])
         acc = alpha[..., None] * acc + jnp.einsum("bhnqk,bhnkd->bhnqd", p, v_j, preferred_element_type=jnp.float32)
         return (m_new, alpha * l + jnp.sum(p, axis=-1), acc), None
 
@@ -333,22 +445,22 @@ def _forward(causal, qb, kb, vb, idx, valid, kmask_b, qids):
         jnp.zeros((B, H, n, b), jnp.float32),
         jnp.zeros((B, H, n, b, D), jnp.float32),
     )
-    xs = (jnp.moveaxis(idx, -1, 0), jnp.moveaxis(valid, -1, 0))
-    (m, l, acc), _ = jax.lax.scan(body, init, xs)
+    (m, l, acc), _ = jax.lax.scan(body, init, _slots(idx, valid, row_start))
     has = l > 0
     safe_l = jnp.where(has, l, 1.0)
     return acc / safe_l[..., None], jnp.where(has, m + jnp.log(safe_l), LOG0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def block_sparse_attention(causal, qb, kb, vb, idx, valid, kmask_b, qids):
-    """Exact attention of each query block over its chosen key blocks.
+def block_sparse_attention(causal, qb, kb, vb, idx, valid, row_start, kmask_b, qids):
+    """Exact attention of each query block over its chosen key blocks (the `scan` kernel).
 
     Args:
       causal: apply the causal mask inside diagonal blocks (and refuse future blocks).
       qb: `[B, H, n, b, D]` query blocks, already scaled by 1/sqrt(D).
       kb, vb: `[B, H, m, b, D]` key and value blocks.
       idx, valid: `[B, H, n, K]` chosen blocks.
+      row_start: `[B, H, n, K]` int32 first row of its query block each slot serves, or None.
       kmask_b: `[B, m, b]` bool key mask, or None.
       qids: `[n]` int32 index of each query block.
 
@@ -356,26 +468,26 @@ def block_sparse_attention(causal, qb, kb, vb, idx, valid, kmask_b, qids):
       out `[B, H, n, b, D]` float32 (zero rows where nothing is allowed) and its
       log-sum-exp `[B, H, n, b]` (LOG0 there).
     """
-    return _forward(causal, qb, kb, vb, idx, valid, kmask_b, qids)
+    return _forward(causal, qb, kb, vb, idx, valid, row_start, kmask_b, qids)
 
 
-def _fwd_rule(causal, qb, kb, vb, idx, valid, kmask_b, qids):
-    out, lse = _forward(causal, qb, kb, vb, idx, valid, kmask_b, qids)
-    return (out, lse), (qb, kb, vb, idx, valid, kmask_b, qids, out, lse)
+def _fwd_rule(causal, qb, kb, vb, idx, valid, row_start, kmask_b, qids):
+    out, lse = _forward(causal, qb, kb, vb, idx, valid, row_start, kmask_b, qids)
+    return (out, lse), (qb, kb, vb, idx, valid, row_start, kmask_b, qids, out, lse)
 
 
 def _bwd_rule(causal, res, cts):
-    qb, kb, vb, idx, valid, kmask_b, qids, out, lse = res
+    qb, kb, vb, idx, valid, row_start, kmask_b, qids, out, lse = res
     d_out, d_lse = cts
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out, axis=-1)  # [B, H, n, b]
     B, H = qb.shape[:2]
     bi, hi = _batch_head_index(B, H)
 
-    def body(carry, xs):
+    def body(carry, slot):
         dq, dk, dv = carry
-        idx_j, valid_j = xs
-        s, mask, k_j = _slot_scores(qb, kb, idx_j, valid_j, kmask_b, qids, causal)
+        idx_j = slot[0]
+        s, mask, k_j = _slot_scores(qb, kb, slot, kmask_b, qids, causal)
         p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
         v_j = _gather(vb, idx_j)
         dv_j = jnp.einsum("bhnqk,bhnqd->bhnkd", p, d_out)
@@ -390,9 +502,8 @@ def _bwd_rule(causal, res, cts):
         jnp.zeros(kb.shape, jnp.float32),
         jnp.zeros(vb.shape, jnp.float32),
     )
-    xs = (jnp.moveaxis(idx, -1, 0), jnp.moveaxis(valid, -1, 0))
-    (dq, dk, dv), _ = jax.lax.scan(body, init, xs)
-    return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None, None
+    (dq, dk, dv), _ = jax.lax.scan(body, init, _slots(idx, valid, row_start))
+    return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None, None, None
 
 
 block_sparse_attention.defvjp(_fwd_rule, _bwd_rule)
@@ -406,7 +517,8 @@ def masked_block_attention(causal, q_BHTD, k_BHSD, v_BHSD, selection: Selection,
     query positions (decoding passes one block). Returns out `[B, H, T, D]` float32 and lse.
     """
     b, S = selection.block_size, k_BHSD.shape[2]
-    keep = jnp.repeat(jnp.repeat(selection.block_mask(), b, axis=-2), b, axis=-1)  # [B, H, T, S]
+    rows = jnp.arange(q_BHTD.shape[2])
+    keep = jnp.repeat(selection.rows_block_mask(rows), b, axis=-1)  # [B, H, T, S]
     allowed = _dense.key_masks(q_pos, jnp.arange(S), causal=causal, kv_mask=kv_mask)
     if allowed is not None:
         keep = keep & allowed

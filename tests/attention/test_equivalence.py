@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 from sparseformer.attention import (
-    COMPRESSIONS, CORRECTIONS, ESTIMATORS, attend, block_multiple, default_config, init_params, presets,
+    COMPRESSIONS, CORRECTIONS, ESTIMATORS, attend, block_multiple, choose_blocks, default_config, init_params, presets,
 )
+from sparseformer.attention.selection import to_blocks
 from tests.attention.helpers import full_budget, random_qkv, reference, rel_error, run
 
 T, B = 64, 16
@@ -126,14 +127,30 @@ def test_naive_sum_counts_selected_pairs_twice(qkv):
     assert rel_error(out, 2 * reference(q, k, v)) < TOL
 
 
-def test_gqa_equals_repeated_heads():
+@pytest.mark.parametrize("name", ["rsa", "bigbird"])
+def test_gqa_heads_of_a_group_share_one_choice(name):
+    """A key/value head's query heads share their blocks (a fused kernel loads each block once
+    for the group): the choice equals the per-head one when the group's queries are equal, and
+    it is the same for every head of a group when they differ."""
     q, k, v = random_qkv(jax.random.key(5), H=4)
     k2, v2 = k[:, :, :2], v[:, :, :2]
-    c = presets.get("rsa")
-    c.selection.update(block_size=B, window=0, top_k=2)
-    out, _ = run(c, q, k2, v2)
-    ref, _ = run(c, q, jnp.repeat(k2, 2, axis=2), jnp.repeat(v2, 2, axis=2))
-    assert rel_error(out, ref) < 1e-6
+    c = presets.get(name)
+    c.selection.update(block_size=B, window=0, global_queries=False)
+    c.selection.update(top_k=min(c.selection.top_k, 1), random_blocks=min(c.selection.random_blocks, 1),
+                       global_blocks=min(c.selection.global_blocks, 1))
+    q_same = jnp.repeat(q[:, :, ::2], 2, axis=2)  # heads 0, 1 equal; heads 2, 3 equal
+    out, _ = run(c, q_same, k2, v2, rng=jax.random.key(3))
+    ref, _ = run(c, q_same, jnp.repeat(k2, 2, axis=2), jnp.repeat(v2, 2, axis=2), rng=jax.random.key(3))
+    if name == "rsa":  # per-head random draws differ from per-group ones; top-k agrees exactly
+        assert rel_error(out, ref) < 1e-6
+
+    qb = to_blocks(jnp.swapaxes(q, 1, 2) * 0.25, B)
+    kb = to_blocks(jnp.swapaxes(jnp.repeat(k2, 2, axis=2), 1, 2), B)
+    sel = choose_blocks(qb, kb, None, jnp.arange(qb.shape[2]), num_query_blocks=qb.shape[2], cfg=c.selection,
+                        causal=False, rng=jax.random.key(3), group=2)
+    idx = jnp.where(sel.valid, sel.idx, -1)
+    assert bool(jnp.all(idx[:, 0] == idx[:, 1])) and bool(jnp.all(idx[:, 2] == idx[:, 3]))
+    assert not bool(jnp.all(idx[:, 0] == idx[:, 2])), "different groups should be free to differ"
 
 
 @pytest.mark.parametrize("name", ["rsa", "scatterbrain", "nsa", "performer", "bigbird"])

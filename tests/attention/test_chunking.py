@@ -1,0 +1,102 @@
+"""Linear memory: the estimate and the pooled branch computed in chunks equal the one-shot versions,
+and `Selection.row_start` (a slot that serves only the later rows of its query block) is honoured
+alike by the exact kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparseformer.attention import attend, compression, init_params, presets, selection
+from sparseformer.attention.selection import Selection, block_sparse_attention, masked_block_attention, to_blocks
+from tests.attention.helpers import random_qkv, rel_error
+
+T, B = 128, 16
+
+
+def _loss_and_grads(config, q, k, v, *, causal, kv_mask=None):
+    params = init_params(config, jax.random.key(7), num_heads=q.shape[2], head_dim=q.shape[3], max_len=T)
+
+    def loss(q, k, v):
+        out, aux = attend(q, k, v, config, params=params, causal=causal, kv_mask=kv_mask, rng=jax.random.key(4))
+        return jnp.sum(out * jnp.arange(q.shape[-1])) + aux["aux_loss"], out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+
+@pytest.mark.parametrize("estimator,causal", [("maxkey", False), ("sampled", True)])
+def test_chunked_choice_and_pool_equal_one_shot(monkeypatch, estimator, causal):
+    q, k, v = random_qkv(jax.random.key(0), T=T, H=4)
+    k, v = k[:, :, :2], v[:, :, :2]  # grouped-query attention: one choice per group
+    kv_mask = None if causal else jnp.ones((2, T), bool).at[1, 100:].set(False)
+    c = presets.get("rsa")
+    c.selection.update(block_size=B, window=1, global_blocks=1, top_k=2, random_blocks=1, estimator=estimator,
+                       kernel="scan")
+    (_, out1), g1 = _loss_and_grads(c, q, k, v, causal=causal, kv_mask=kv_mask)
+    # maxkey: 3 query blocks a chunk (the last one padded); sampled: 1; pool: 5 query rows a chunk
+    monkeypatch.setattr(selection, "ESTIMATE_CHUNK_ELEMENTS", 3 * T)
+    monkeypatch.setattr(compression, "POOL_CHUNK_ELEMENTS", 5 * (T // B))
+    (_, out2), g2 = _loss_and_grads(c, q, k, v, causal=causal, kv_mask=kv_mask)
+    assert rel_error(out2, out1) < 1e-6
+    for a, b in zip(g2, g1):
+        assert rel_error(a, b) < 1e-5
+
+
+def test_chunking_bounds_the_choice_estimate():
+    c = presets.get("rsa").selection
+    assert selection.estimate_chunk(c, 1024, 65536) * 65536 <= selection.ESTIMATE_CHUNK_ELEMENTS
+    assert selection.estimate_chunk(c, 8, 128) == 8  # short inputs: one chunk, no loop
+    c.estimator = "oracle"
+    assert selection.estimate_chunk(c, 1024, 65536) == 1  # 64 rows of 64K scores already exceed the budget
+    assert compression.pool_chunk_rows(65536, 1024) * 1024 <= compression.POOL_CHUNK_ELEMENTS
+    assert compression.pool_chunk_rows(256, 4) == 256
+
+
+def _row_start_case(causal):
+    q, k, v = random_qkv(jax.random.key(1), T=64, H=2, D=8)
+    b, n = 8, 8
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q * 8**-0.5, k, v))
+    rng = np.random.default_rng(0)
+    qids = jnp.arange(n)
+    idx = rng.integers(0, n, size=(2, 2, n, 3))
+    if causal:
+        idx = np.minimum(idx, np.arange(n)[:, None])
+    idx[..., 0] = np.arange(n)  # the own block, always
+    valid = np.ones(idx.shape, bool)
+    valid[..., 1:] &= idx[..., 1:] != idx[..., :1]
+    valid[..., 2] &= idx[..., 2] != idx[..., 1]
+    start = rng.integers(0, b, size=idx.shape)
+    start[..., 0] = 0
+    sel = Selection(idx=jnp.asarray(idx, jnp.int32), valid=jnp.asarray(valid), qids=qids, block_size=b,
+                    num_key_blocks=n, row_start=jnp.asarray(start, jnp.int32))
+    return qh, kh, vh, sel, idx, valid, start
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_start_is_honoured_by_both_exact_kernels(causal):
+    qh, kh, vh, sel, idx, valid, start = _row_start_case(causal)
+    b = sel.block_size
+    out_s, lse_s = block_sparse_attention(causal, to_blocks(qh, b), to_blocks(kh, b), to_blocks(vh, b),
+                                          sel.idx, sel.valid, sel.row_start, None, sel.qids)
+    out_m, lse_m = masked_block_attention(causal, qh, kh, vh, sel, None, jnp.arange(qh.shape[2]))
+    assert rel_error(out_s.reshape(out_m.shape), out_m) < 1e-6
+    # an explicit reference for one row: the keys of the slots whose start it has reached
+    bb, hh, blk, r = 1, 0, 5, 3
+    keys = sorted({int(idx[bb, hh, blk, j]) for j in range(3) if valid[bb, hh, blk, j] and r >= start[bb, hh, blk, j]})
+    cols = np.concatenate([np.arange(j * b, (j + 1) * b) for j in keys])
+    t = blk * b + r
+    if causal:
+        cols = cols[cols <= t]
+    s = np.asarray(qh[bb, hh, t] @ kh[bb, hh, cols].T)
+    p = np.exp(s - s.max())
+    ref = (p / p.sum()) @ np.asarray(vh[bb, hh, cols])
+    np.testing.assert_allclose(np.asarray(out_m[bb, hh, t]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_row_start_zero_is_no_row_start():
+    qh, kh, vh, sel, *_ = _row_start_case(False)
+    b = sel.block_size
+    args = (to_blocks(qh, b), to_blocks(kh, b), to_blocks(vh, b), sel.idx, sel.valid)
+    a = block_sparse_attention(False, *args, jnp.zeros_like(sel.row_start), None, sel.qids)
+    c = block_sparse_attention(False, *args, None, None, sel.qids)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(c[0]))
