@@ -313,16 +313,44 @@ def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, 
         idx_list.append(idx_r)
         valid_list.append(valid_r)
         free = free & ~slots_to_blocks(idx_r, valid_r, m)
+    start_list = [jnp.zeros(x.shape, jnp.int32) for x in idx_list]
     if cfg.top_k:
         est = ESTIMATORS.get(cfg.estimator).fn
         sg = jax.lax.stop_gradient
-        scores = sg(anchor_scores(est, sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids))
-        if group > 1:  # a group's heads share one choice: the blocks their masses favour together
-            scores = jax.nn.logsumexp(scores.reshape(B, Hk, group, n, m), axis=2)
-        idx_t, valid_t = _top(jnp.where(free, scores, NEG_INF), cfg.top_k)
-        idx_list.append(idx_t)
-        valid_list.append(valid_t)
-    return jnp.concatenate(idx_list, -1), jnp.concatenate(valid_list, -1)
+        rows = causal_anchor_rows(cfg, kb.shape[3]) if causal else None
+        if rows is None:
+            scores = anchor_scores(est, sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
+            scores_list = [sg(scores)]
+        else:  # one single-query anchor per row offset: scored apart, chosen in turn below
+            P = len(rows)
+            q_a = sg(q_est).reshape(B, H, n * P, 1, q_est.shape[-1])
+            scores = est(q_a, sg(kb), kmask_b, jnp.repeat(allowed, P, 0), cfg=cfg, rng=rng, qids=jnp.repeat(qids, P))
+            scores_list = list(jnp.moveaxis(sg(scores).reshape(B, H, n, P, m), 3, 0))
+        for p, (scores, k_p) in enumerate(zip(scores_list, _anchor_quota(cfg.top_k, len(scores_list)))):
+            if group > 1:  # a group's heads share one choice: the blocks their masses favour together
+                scores = jax.nn.logsumexp(scores.reshape(B, Hk, group, n, m), axis=2)
+            idx_t, valid_t = _top(jnp.where(free, scores, NEG_INF), k_p)
+            idx_list.append(idx_t)
+            valid_list.append(valid_t)
+            start_list.append(jnp.full(idx_t.shape, 0 if rows is None else rows[p], jnp.int32))
+            free = free & ~slots_to_blocks(idx_t, valid_t, m)
+    return jnp.concatenate(idx_list, -1), jnp.concatenate(valid_list, -1), jnp.concatenate(start_list, -1)
+
+
+def causal_anchor_rows(cfg: ml_collections.ConfigDict, b: int) -> tuple[int, ...] | None:
+    """Causal `first_query` choice with `anchors > 1`: the row offsets of the anchor queries
+    (the first row of each of `anchors` equal sub-blocks); None when one choice serves the block."""
+    if cfg.causal_choice != "first_query" or min(cfg.anchors, b) == 1:
+        return None
+    p = min(cfg.anchors, b)
+    return tuple(range(0, b, b // p))
+
+
+def _anchor_quota(k: int, p: int) -> list[int]:
+    """top-k slots per anchor, in turn: the first anchor (the only one the block's first rows
+    see) gets the remainder on top of an equal share."""
+    share = k // p
+    return [k - share * (p - 1)] + [share] * (p - 1)
 
 
 def choose_blocks(
@@ -356,6 +384,7 @@ def choose_blocks(
     if H % group:
         raise ValueError(f"model.attention: {H} query heads are not a multiple of the group size {group}")
     idx0, valid0 = _static_slots(qids, m, cfg, causal)
+    row_start = None
     idx = jnp.broadcast_to(idx0, (B, H // group) + idx0.shape)
     valid = jnp.broadcast_to(valid0, (B, H // group) + valid0.shape)
     if cfg.random_blocks or cfg.top_k:
@@ -363,25 +392,31 @@ def choose_blocks(
             _dynamic_slots, cfg=cfg, causal=causal, num_query_blocks=num_query_blocks, group=group
         )
         chunk = estimate_chunk(cfg, n, m * b)
-        idx_d, valid_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
+        idx_d, valid_d, start_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
         idx = jnp.concatenate([idx, idx_d], axis=-1)
         valid = jnp.concatenate([valid, valid_d], axis=-1)
+        if causal and cfg.top_k and causal_anchor_rows(cfg, b) is not None:
+            zeros = jnp.zeros(start_d.shape[:3] + idx0.shape[-1:], jnp.int32)  # static slots serve every row
+            row_start = jnp.concatenate([zeros, start_d], axis=-1)
     if group > 1:
         idx, valid = jnp.repeat(idx, group, axis=1), jnp.repeat(valid, group, axis=1)
-    return Selection(idx=idx, valid=valid, qids=qids, block_size=b, num_key_blocks=m, group=group)
+        row_start = None if row_start is None else jnp.repeat(row_start, group, axis=1)
+    return Selection(idx=idx, valid=valid, qids=qids, block_size=b, num_key_blocks=m, row_start=row_start, group=group)
 
 
-def causal_queries(qh_BHTD: jax.Array, qids: jax.Array, b: int, how: str) -> jax.Array:
+def causal_queries(qh_BHTD: jax.Array, qids: jax.Array, b: int, how: str, anchors: int = 1) -> jax.Array:
     """The queries a causal query block chooses its key blocks from: `[B, H, n, r, D]`.
 
     Every row of the block may depend on them, so the choice leaks nothing from the future:
       first_query     the block's first query (`r = 1`): no lag, whatever changes at or before
-                      the block's start is seen by the block itself;
+                      the block's start is seen by the block itself; with `anchors > 1`, the
+                      first query of each of `anchors` sub-blocks, each choosing slots that only
+                      the rows from it on use (`Selection.row_start`);
       previous_block  the previous block's `b` queries (block 0 uses its own first query): the
                       choice is one block late.
     """
-    if how == "first_query":
-        return qh_BHTD[:, :, qids * b][:, :, :, None]
+    if how == "first_query":  # with anchors: the first query of each sub-block (`r = anchors`)
+        return qh_BHTD[:, :, (qids * b)[:, None] + jnp.arange(0, b, b // anchors)]
     prev = to_blocks(qh_BHTD, b)[:, :, jnp.maximum(qids - 1, 0)]
     first = qh_BHTD[:, :, qids * b][:, :, :, None]
     return jnp.where((qids > 0)[:, None, None], prev, first)

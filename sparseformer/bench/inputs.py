@@ -23,6 +23,11 @@
   most of them partly). Values carry their topic too (a direction per topic, as strong against the
   noise as in the keys), as they do in a model where q, k and v are projections of the same token.
   Real text has this structure: segments of any length, recurring subjects.
+- `local`: a quarter of the dimensions of q and k carry a code of the position (cos and sin at
+  wavelengths log-uniform in `LOCAL_WAVELENGTHS`, per head), the rest noise, so a key's logit is
+  `LOCAL_LOGIT` (8) higher at distance 0 and falls off within a few tokens (about 80% of a row's mass
+  within 8 tokens, 86% within 64): a language model's local
+  heads. Values are noise. A method must keep the neighbourhood of every query exactly.
 
 Every generator is `f(batch, length, heads, head_dim, *, causal, seed) -> (q, k, v)` in
 `[B, T, H, D]` float32, built with numpy from `seed`, so identical across presets, processes and
@@ -46,6 +51,8 @@ GROUP_LENGTHS = (24, 160)  # needle_groups: group lengths, uniform, inclusive
 SEGMENT_LENGTHS = (16, 256)  # topics: segment lengths, uniform, inclusive
 NUM_TOPICS = 8
 TOPIC_LOGIT = 3.0  # extra logit of a key of the query's own topic
+LOCAL_LOGIT = 8.0  # local: extra logit of a key at distance 0, falling off over a few tokens
+LOCAL_WAVELENGTHS = (32.0, 1024.0)
 HELD_OUT_SEEDS = (1001, 1002, 1003)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -180,11 +187,36 @@ def topics_qkv(batch: int, length: int, heads: int, head_dim: int, *, causal: bo
     return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)
 
 
+def _position_code(length: int, wavelengths: np.ndarray) -> np.ndarray:
+    """`[T, 2J]` cos/sin of each position at each wavelength: `code_t . code_s = sum_j cos(w_j (t - s))`."""
+    angle = 2 * np.pi * np.arange(length)[:, None] / wavelengths[None, :]
+    return np.concatenate([np.cos(angle), np.sin(angle)], axis=1)
+
+
+def local_qkv(batch: int, length: int, heads: int, head_dim: int, *, causal: bool = False, seed: int = 5) -> Arrays:
+    """Attention that falls off with distance (a language model's local heads), nothing else."""
+    del causal
+    rng = np.random.default_rng(seed)
+    J = head_dim // 4  # a quarter of the dimensions carry position (cos and sin), the rest noise
+    shape = (batch, length, heads, head_dim)
+    q = rng.standard_normal(shape, dtype=np.float32)
+    k = rng.standard_normal(shape, dtype=np.float32)
+    a = np.sqrt(LOCAL_LOGIT * np.sqrt(head_dim) / J)  # a^2 * J / sqrt(D): the logit bonus at distance 0
+    for h in range(heads):  # each head its own wavelengths, log-uniform in LOCAL_WAVELENGTHS
+        lam = np.exp(rng.uniform(*np.log(LOCAL_WAVELENGTHS), size=J))
+        code = a * _position_code(length, lam)
+        q[:, :, h, : 2 * J] = code
+        k[:, :, h, : 2 * J] = code
+    v = rng.standard_normal(shape, dtype=np.float32)
+    return q, k, v
+
+
 INPUT_KINDS: dict[str, Callable[..., Arrays]] = {
     "peaky": peaky_qkv,
     "needle": needle_qkv,
     "needle_groups": needle_groups_qkv,
     "topics": topics_qkv,
+    "local": local_qkv,
 }
 """Fidelity input kinds by name; each is `f(batch, length, heads, head_dim, *, causal, seed) -> (q, k, v)`
 (every generator has its own default seed)."""
