@@ -85,7 +85,8 @@ def attend(
     Returns:
       `out [B, T, H, D]` in q's dtype, and `aux`: float32 scalars `aux_loss` (the
       regulariser times its weight; 0 when correction is off) and `fidelity` (KL from dense to approximate attention on
-      the sampled rows; 0 when `correction.aux_rows == 0`).
+      the sampled rows; 0 when `correction.aux_rows == 0`), and with selection on, `slots` (key blocks
+      computed exactly per query block and head, on average).
     """
     B, T, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
@@ -186,6 +187,8 @@ def attend(
         weight = corr.aux_weight if corr.enabled else 0.0
         fidelity = jax.lax.stop_gradient(kl)
         aux = {"aux_loss": weight * kl if weight else jnp.zeros((), jnp.float32), "fidelity": fidelity}
+    if selection is not None:  # key blocks computed exactly per query block, on average (invalid slots cost nothing in a fused kernel)
+        aux["slots"] = jnp.mean(jnp.sum(selection.valid, axis=-1, dtype=jnp.float32))
 
     out = jnp.swapaxes(out[:, :, : (T if query_block is None else Tq)], 1, 2)
     return out.astype(q.dtype), aux

@@ -29,7 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.selection.top_k = 0  # key blocks ranked by the importance estimate
     c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, maxkey, sampled, oracle
     c.selection.sample_rows = 4  # query rows per block scored exactly by the `sampled` estimator
-    c.selection.anchors = 1  # query sub-blocks the estimator scores apart (a block's score: the best over them), so a query block holding several groups finds what each wants
+    c.selection.anchors = 1  # query sub-blocks the estimator scores apart (a block's score: the best over them), so a query block holding several groups finds what each wants; >= block_size: every row. Causal: the first query of each sub-block, whose slots serve its rows on
+    c.selection.mass_threshold = 1.0  # top_k stops taking blocks once their estimated share of the mass (with the static blocks') reaches this; the rest stay invalid (1.0: always all top_k). Causal with anchors: the anchors share the top_k slots in turn
     c.selection.causal_choice = "first_query"  # causal: which queries choose a block's keys: first_query (the block's first query, seen by every row: no lag) or previous_block (the previous block's queries: a block late)
     c.selection.kernel = "auto"  # exact part: scan (block-sparse, memory ~ T*k*b), masked (dense logits masked to the chosen blocks: same result, faster for short inputs, memory ~ T*S), auto (masked up to 512 keys)
 
@@ -62,6 +63,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "selection.estimator": str,
     "selection.sample_rows": int,
     "selection.anchors": int,
+    "selection.mass_threshold": (int, float),
     "selection.causal_choice": str,
     "selection.kernel": str,
     "compression.enabled": bool,
@@ -181,8 +183,13 @@ def validate(
     for key in ("block_size", "sample_rows", "anchors"):
         if sel[key] < 1:
             raise _err(f"selection.{key}", sel[key], "must be >= 1")
-    if sel.block_size % sel.anchors:
-        raise _err("selection.anchors", sel.anchors, f"must divide selection.block_size={sel.block_size}")
+    if not 0.0 < sel.mass_threshold <= 1.0:
+        raise _err("selection.mass_threshold", sel.mass_threshold, "must be in (0, 1]")
+    if sel.anchors < sel.block_size and sel.block_size % sel.anchors:
+        raise _err(
+            "selection.anchors", sel.anchors,
+            f"must divide selection.block_size={sel.block_size} (or be at least it: every row an anchor)",
+        )
     for key in ("window", "global_blocks", "random_blocks", "top_k"):
         if sel[key] < 0:
             raise _err(f"selection.{key}", sel[key], "must be >= 0")

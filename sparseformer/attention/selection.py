@@ -315,26 +315,64 @@ def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, 
         free = free & ~slots_to_blocks(idx_r, valid_r, m)
     start_list = [jnp.zeros(x.shape, jnp.int32) for x in idx_list]
     if cfg.top_k:
-        est = ESTIMATORS.get(cfg.estimator).fn
         sg = jax.lax.stop_gradient
+        est = ESTIMATORS.get(cfg.estimator).fn
         rows = causal_anchor_rows(cfg, kb.shape[3]) if causal else None
         if rows is None:
             scores = anchor_scores(est, sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
-            scores_list = [sg(scores)]
-        else:  # one single-query anchor per row offset: scored apart, chosen in turn below
+            scores_P = sg(scores)[..., None]
+        else:  # one single-query anchor per row offset, scored apart
             P = len(rows)
             q_a = sg(q_est).reshape(B, H, n * P, 1, q_est.shape[-1])
             scores = est(q_a, sg(kb), kmask_b, jnp.repeat(allowed, P, 0), cfg=cfg, rng=rng, qids=jnp.repeat(qids, P))
-            scores_list = list(jnp.moveaxis(sg(scores).reshape(B, H, n, P, m), 3, 0))
-        for p, (scores, k_p) in enumerate(zip(scores_list, _anchor_quota(cfg.top_k, len(scores_list)))):
-            if group > 1:  # a group's heads share one choice: the blocks their masses favour together
-                scores = jax.nn.logsumexp(scores.reshape(B, Hk, group, n, m), axis=2)
-            idx_t, valid_t = _top(jnp.where(free, scores, NEG_INF), k_p)
-            idx_list.append(idx_t)
-            valid_list.append(valid_t)
-            start_list.append(jnp.full(idx_t.shape, 0 if rows is None else rows[p], jnp.int32))
-            free = free & ~slots_to_blocks(idx_t, valid_t, m)
+            scores_P = jnp.moveaxis(sg(scores).reshape(B, H, n, P, m), 3, 4)
+        if group > 1:  # a group's heads share one choice: the blocks their masses favour together
+            scores_P = jax.nn.logsumexp(scores_P.reshape(B, Hk, group, n, m, -1), axis=2)
+        # causal: shares are estimated over the blocks strictly before the query block, since
+        # the query block's own score includes keys later than its first rows
+        norm = (jnp.arange(m)[None, :] < qids[:, None]) if causal else allowed
+        idx_t, valid_t, start_t = _take_by_mass(scores_P, free, norm, cfg, rows or (0,))
+        idx_list.append(idx_t)
+        valid_list.append(valid_t)
+        start_list.append(start_t)
     return jnp.concatenate(idx_list, -1), jnp.concatenate(valid_list, -1), jnp.concatenate(start_list, -1)
+
+
+def _take_by_mass(scores_P, free, norm, cfg, rows):
+    """The top-k slots from scores `[B, Hk, n, m, P]` of `P` anchors taken in turn.
+
+    Each anchor takes its best free blocks while the estimated share of its attention mass
+    already covered (the softmax of its scores over the blocks in `norm` `[n, m]`, summed over
+    the blocks chosen so far, static ones included) is below `mass_threshold` and the budget of `top_k`
+    slots lasts. Anchor p's slots serve the rows from `rows[p]` on; what it takes depends only on
+    anchors 0..p, so a causal row never depends on a later anchor. Returns `[B, Hk, n, top_k]`
+    idx, valid and row start (valid slots first).
+    """
+    k, tau = cfg.top_k, cfg.mass_threshold
+    B, Hk, n, m, P = scores_P.shape
+    left = jnp.full((B, Hk, n), k, jnp.int32)
+    chosen = ~free & norm  # blocks already served exactly (static, random)
+    idx_all, valid_all, start_all = [], [], []
+    for p in range(P):
+        scores = scores_P[..., p]
+        idx, valid = _top(jnp.where(free, scores, NEG_INF), k)
+        logz = jax.nn.logsumexp(jnp.where(norm, scores, NEG_INF), axis=-1, keepdims=True)
+        share = jnp.where(norm & jnp.isfinite(logz), jnp.exp(scores - logz), 0.0)
+        covered = jnp.sum(jnp.where(chosen, share, 0.0), axis=-1, keepdims=True)
+        share_t = jnp.take_along_axis(share, idx, axis=-1)
+        before = covered + jnp.cumsum(share_t, axis=-1) - share_t  # covered before each pick
+        valid = valid & (jnp.arange(k) < left[..., None]) & ((before < tau) | (tau >= 1.0))
+        left = left - jnp.sum(valid, axis=-1)
+        hit = slots_to_blocks(idx, valid, m)
+        free, chosen = free & ~hit, chosen | hit
+        idx_all.append(idx)
+        valid_all.append(valid)
+        start_all.append(jnp.full(idx.shape, rows[p], jnp.int32))
+    if P == 1:
+        return idx_all[0], valid_all[0], start_all[0]
+    idx, valid, start = (jnp.concatenate(x, axis=-1) for x in (idx_all, valid_all, start_all))
+    order = jnp.argsort(~valid, axis=-1, stable=True)[..., :k]  # at most k are valid: keep those
+    return tuple(jnp.take_along_axis(x, order, axis=-1) for x in (idx, valid, start))
 
 
 def causal_anchor_rows(cfg: ml_collections.ConfigDict, b: int) -> tuple[int, ...] | None:
@@ -346,11 +384,6 @@ def causal_anchor_rows(cfg: ml_collections.ConfigDict, b: int) -> tuple[int, ...
     return tuple(range(0, b, b // p))
 
 
-def _anchor_quota(k: int, p: int) -> list[int]:
-    """top-k slots per anchor, in turn: the first anchor (the only one the block's first rows
-    see) gets the remainder on top of an equal share."""
-    share = k // p
-    return [k - share * (p - 1)] + [share] * (p - 1)
 
 
 def choose_blocks(

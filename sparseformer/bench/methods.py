@@ -109,7 +109,8 @@ def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method
     return Method(name, fn, params, counts, "sparseformer")
 
 
-BASELINES: dict[str, Callable[..., Method]] = {"dense": build_dense}
+BASELINE_NAME = "dense"
+BASELINES: dict[str, Callable[..., Method]] = {BASELINE_NAME: build_dense}
 """Methods that are not attention presets, by name."""
 
 
