@@ -196,6 +196,7 @@ def markdown(bench: dict[str, Any], *, command: str | None = None) -> str:
     if fid:
         lines += [
             "## Fidelity: relative error vs exact float32 attention (forward output)", "",
+            f"Input seed: {o.get('fidelity_seed') if o.get('fidelity_seed') is not None else 'each kind' + chr(39) + 's default'}. "
             "Rows `<preset>, oracle choice`: the same budget with the exact block masses as the estimate. "
             "`(n)`: key blocks computed exactly per query block, on average.", "", *fid,
         ]  # fmt: skip

@@ -44,6 +44,7 @@ class BenchOptions:
     passes: tuple[str, ...] = ("fwd", "fwd_bwd")
     rss: str = "all"  # which cases get a fresh-process peak-memory probe: all, largest length, none
     fidelity: bool = True
+    fidelity_seed: int | None = None  # seed of every fidelity input (None: each kind's own default)
     dense_impl: str = "auto"  # auto (cuDNN on a GPU for 16-bit inputs), xla, cudnn
 
     def shape(self, length: int) -> methods.Shape:
@@ -231,7 +232,8 @@ def _fidelity(cases: list[Case], o: BenchOptions, length: int, progress: Any) ->
     errors: dict[str, dict[str, Any]] = {label: {} for label in fns}
     for kind, make in inputs.INPUT_KINDS.items():
         progress.set_description(f"{length}: fidelity ({kind})")
-        q, k, v = make(o.batch, length, o.heads, o.head_dim, causal=o.causal)
+        seed = {} if o.fidelity_seed is None else {"seed": o.fidelity_seed}
+        q, k, v = make(o.batch, length, o.heads, o.head_dim, causal=o.causal, **seed)
         ref = measure.reference_attention(q, k, v, causal=o.causal)
         qd, kd, vd = (jnp.asarray(x, o.dtype) for x in (q, k, v))
         for label, fn in fns.items():
