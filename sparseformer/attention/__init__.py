@@ -13,11 +13,12 @@ from sparseformer.attention.config import block_multiple, default_config, pool_b
 from sparseformer.attention.correction import Branch
 from sparseformer.attention.dense import dense_attention
 from sparseformer.attention.flops import flops, slots_per_query_block
+from sparseformer.attention.pallas_kernel import fused_block_attention
 from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS, ESTIMATORS, Component, Registry
 from sparseformer.attention.selection import Selection, block_sparse_attention, choose_blocks
 
 __all__ = [
     "attend", "init_params", "validate", "block_multiple", "default_config", "pool_block_size", "presets",
     "flops", "slots_per_query_block", "dense_attention", "block_sparse_attention", "choose_blocks",
-    "Selection", "Branch", "ESTIMATORS", "COMPRESSIONS", "CORRECTIONS", "Component", "Registry",
+    "fused_block_attention", "Selection", "Branch", "ESTIMATORS", "COMPRESSIONS", "CORRECTIONS", "Component", "Registry",
 ]

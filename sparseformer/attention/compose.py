@@ -13,6 +13,7 @@ from sparseformer.attention.compression import _expand_blocks, _row_key_mask
 from sparseformer.attention.config import block_multiple, selection_kernel, validate
 from sparseformer.attention.correction import Branch, gate_values, kl_rows
 from sparseformer.attention.dense import LOG0, dense_attention
+from sparseformer.attention.pallas_kernel import fused_block_attention
 from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS
 from sparseformer.attention.selection import (
     Selection,
@@ -92,11 +93,11 @@ def attend(
     S, Hk = k.shape[1], k.shape[2]
     padded = kv_mask is not None
     validate(config, causal=causal, seq_len=T, kv_len=S, padded=padded)
+    if config.selection.enabled and config.selection.kernel == "pallas" and (D < 16 or D & (D - 1)):
+        raise ValueError(f"model.attention.selection.kernel: 'pallas' needs a head dim that is a power of two >= 16, got {D}")
     if H % Hk:
         raise ValueError(f"model.attention: query heads {H} must be a multiple of key/value heads {Hk}")
     group = H // Hk  # query heads per key/value head: they share one choice of blocks
-    if Hk != H:
-        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     sel_cfg, comp_cfg, corr = config.selection, config.compression, config.correction
     params = params or {}
     required = init_params_names(config)
@@ -114,8 +115,9 @@ def attend(
     mult = block_multiple(config, causal=causal)
     T_pad, S_pad = -(-T // mult) * mult, -(-S // mult) * mult
     qh = _pad_to(jnp.swapaxes(q * jnp.asarray(D**-0.5, q.dtype), 1, 2), 2, T_pad)
-    kh = _pad_to(jnp.swapaxes(k, 1, 2), 2, S_pad)
-    vh = _pad_to(jnp.swapaxes(v, 1, 2), 2, S_pad)
+    kh_kv = _pad_to(jnp.swapaxes(k, 1, 2), 2, S_pad)  # [B, Hk, S, D]: what the fused kernel reads
+    vh_kv = _pad_to(jnp.swapaxes(v, 1, 2), 2, S_pad)
+    kh, vh = (jnp.repeat(x, group, axis=1) for x in (kh_kv, vh_kv)) if group > 1 else (kh_kv, vh_kv)
     if padded:
         kv_mask = _pad_to(kv_mask.astype(bool), 1, S_pad)
 
@@ -142,9 +144,12 @@ def attend(
         selection = choose_blocks(
             q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng, group=group
         )
-        if selection_kernel(config, S_pad) == "masked":
+        kernel = selection_kernel(config, S_pad, head_dim=D)
+        if kernel == "masked":
             kv_m = kv_mask if padded else None
             out_b, lse_b = masked_block_attention(causal, q_used, kh, vh, selection, kv_m, q_pos)
+        elif kernel == "pallas":
+            out_b, lse_b = fused_block_attention(causal, q_used, kh_kv, vh_kv, selection, kv_mask if padded else None)
         else:
             idx, valid, start = selection.idx, selection.valid, selection.row_start
             out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, idx, valid, start, kmask_b, qids)

@@ -27,12 +27,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.selection.global_queries = False  # the first `global_blocks` query blocks see every key (BigBird; bidirectional only: causal rows see their past anyway)
     c.selection.random_blocks = 0  # key blocks drawn at random per query block and head
     c.selection.top_k = 0  # key blocks ranked by the importance estimate
-    c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, maxkey, sampled, oracle
+    c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, maxkey, lsekey, sampled, oracle
     c.selection.sample_rows = 4  # query rows per block scored exactly by the `sampled` estimator
     c.selection.anchors = 1  # query sub-blocks the estimator scores apart (a block's score: the best over them), so a query block holding several groups finds what each wants; >= block_size: every row. Causal: the first query of each sub-block, whose slots serve its rows on
     c.selection.mass_threshold = 1.0  # top_k stops taking blocks once their estimated share of the mass (with the static blocks') reaches this; the rest stay invalid (1.0: always all top_k). Causal with anchors: the anchors share the top_k slots in turn
     c.selection.causal_choice = "first_query"  # causal: which queries choose a block's keys: first_query (the block's first query, seen by every row: no lag) or previous_block (the previous block's queries: a block late)
-    c.selection.kernel = "auto"  # exact part: scan (block-sparse, memory ~ T*k*b), masked (dense logits masked to the chosen blocks: same result, faster for short inputs, memory ~ T*S), auto (masked up to 512 keys)
+    c.selection.kernel = "auto"  # exact part: pallas (fused GPU kernel; interpreted on CPU: tests), scan (XLA block-sparse, memory ~ T*D), masked (dense logits masked to the chosen blocks: faster for short inputs, memory ~ T*S), auto (GPU: pallas; else masked up to 512 keys, scan beyond)
 
     c.compression = ml_collections.ConfigDict()
     c.compression.enabled = False  # summarise what selection left out in a low-rank form
@@ -81,19 +81,32 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-KERNELS = ("auto", "scan", "masked")
+KERNELS = ("auto", "pallas", "scan", "masked")
 CAUSAL_CHOICES = ("first_query", "previous_block")
 # `auto` uses the masked kernel up to this many keys: below it, the scan's many small block
 # matmuls cost more than dense logits (CPU, 128 tokens in blocks of 8: 4x slower fwd+bwd).
 AUTO_MASKED_MAX_KEYS = 512
 
 
-def selection_kernel(config: ml_collections.ConfigDict, kv_len: int) -> str:
-    """The exact part's kernel for a key length: `scan` or `masked` (`auto` resolved)."""
+def selection_kernel(
+    config: ml_collections.ConfigDict, kv_len: int, *, head_dim: int | None = None, backend: str | None = None
+) -> str:
+    """The exact part's kernel for a key length: `pallas`, `scan` or `masked` (`auto` resolved).
+
+    `auto` takes the fused `pallas` kernel on a GPU when the shapes allow it (block size and head
+    dim powers of two >= 16); elsewhere `masked` up to `AUTO_MASKED_MAX_KEYS` keys, `scan` beyond.
+    """
     kernel = config.selection.kernel
-    if kernel == "auto":
-        return "masked" if kv_len <= AUTO_MASKED_MAX_KEYS else "scan"
-    return kernel
+    if kernel != "auto":
+        return kernel
+    import jax
+
+    from sparseformer.attention.pallas_kernel import unsupported_reason
+
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and head_dim is not None and unsupported_reason(config.selection.block_size, head_dim) is None:
+        return "pallas"
+    return "masked" if kv_len <= AUTO_MASKED_MAX_KEYS else "scan"
 
 
 def _err(key: str, value: Any, allowed: str) -> ValueError:
@@ -190,6 +203,8 @@ def validate(
             "selection.anchors", sel.anchors,
             f"must divide selection.block_size={sel.block_size} (or be at least it: every row an anchor)",
         )
+    if sel.enabled and sel.kernel == "pallas" and (sel.block_size < 16 or sel.block_size & (sel.block_size - 1)):
+        raise _err("selection.block_size", sel.block_size, "selection.kernel='pallas' needs a power of two >= 16")
     for key in ("window", "global_blocks", "random_blocks", "top_k"):
         if sel[key] < 0:
             raise _err(f"selection.{key}", sel[key], "must be >= 0")

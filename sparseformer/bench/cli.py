@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--presets", default=",".join(d.presets), help="comma-separated; 'dense' is the jax.nn baseline")
+    p.add_argument("--presets", default=",".join(d.presets), help="comma-separated; 'dense' is the jax.nn baseline, 'dense_pallas' JAX's Pallas flash attention (GPU), 'PRESET/exact' a preset's selection alone")
     p.add_argument("--lengths", default=None, help=f"comma-separated token counts (default {','.join(map(str, d.lengths))}; --quick: {','.join(map(str, QUICK['lengths']))})")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--heads", type=int, default=d.heads)
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                    "sparseformer.bench.inputs.HELD_OUT_SEEDS were kept aside to check that nothing was tuned to the defaults)")
     p.add_argument("--dense-impl", default=d.dense_impl, choices=["auto", "xla", "cudnn"], help="auto: cuDNN on a GPU for 16-bit inputs")
     p.add_argument("--quick", action="store_true", help="small lengths and fewer rounds: under about two minutes on this CPU")
+    p.add_argument("--compile-only", action="store_true", help="compile every case and record XLA's compiled memory and FLOPs only (no timing, fidelity or probes): the memory table at lengths too large to run")
     return p
 
 
@@ -70,6 +71,7 @@ def options_from_args(args: argparse.Namespace) -> "BenchOptions":  # noqa: F821
         fidelity=not args.no_fidelity,
         fidelity_seed=args.fidelity_seed,
         dense_impl=args.dense_impl,
+        compile_only=args.compile_only,
     )
 
 

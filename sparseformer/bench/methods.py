@@ -1,8 +1,11 @@
 """What the benchmark can run, looked up by name: the dense baseline and every attention preset.
 
 `dense` is `jax.nn.dot_product_attention` (its cuDNN implementation on a GPU), not the project's
-own dense reference: the baseline is what a user would otherwise call. Every other name is an
-attention preset (`sparseformer.attention.presets`), run through `attend`.
+own dense reference: the baseline is what a user would otherwise call. `dense_pallas` is JAX's own
+Pallas (Triton) flash attention, a dense kernel written the way the fused sparse kernel is (GPU
+only). Every other name is an attention preset (`sparseformer.attention.presets`), run through
+`attend`; `PRESET/exact` is the preset's selection alone (estimate and exact kernel: compression
+and correction off), which times the exact part.
 
 FLOPs are those the method performs, counted from its shapes and budget: `4 * D` per computed
 query-key pair (`QK^T` and `PV`). Dense on XLA computes the full `T x S` square even when causal
@@ -51,6 +54,7 @@ class Method:
     params: Any
     flops: dict[str, int]  # forward: "exact" (exactly computed pairs) and "total"
     implementation: str
+    kernel: str = "none"  # the exact part's kernel (`selection.kernel` resolved), or the dense implementation
 
 
 def dense_flops(shape: Shape) -> dict[str, int]:
@@ -75,15 +79,57 @@ def build_dense(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:
         del params, rng
         return jax.nn.dot_product_attention(q, k, v, is_causal=shape.causal, implementation=impl)
 
-    return Method(name, fn, {}, dense_flops(shape), impl or "xla")
+    return Method(name, fn, {}, dense_flops(shape), impl or "xla", impl or "xla")
+
+
+def build_dense_pallas(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:
+    """JAX's Pallas (Triton) flash attention (`jax.experimental.pallas.ops.gpu.attention.mha`): the
+    dense baseline written the way the fused sparse kernel is. GPU only: on a CPU it could only run
+    interpreted, which would time the interpreter."""
+    del dense_impl
+    if jax.default_backend() != "gpu":
+        raise SkipCase("a GPU kernel (Pallas/Triton); on this backend it would run interpreted")
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+    except ImportError as e:  # moved out of jax (to tokamax) in some release
+        raise SkipCase(f"jax.experimental.pallas.ops.gpu.attention is not available: {e}") from e
+    scale = shape.head_dim**-0.5
+
+    def fn(q: jax.Array, k: jax.Array, v: jax.Array, params: Any, rng: jax.Array) -> jax.Array:
+        del params, rng
+        return pallas_attention.mha(q, k, v, None, sm_scale=scale, causal=shape.causal)
+
+    flops = dense_flops(shape)
+    if shape.causal:  # this kernel skips the blocks above the diagonal
+        flops = {key: val // 2 for key, val in flops.items()}
+    return Method(name, fn, {}, flops, "pallas-triton", "pallas-triton")
+
+
+def _exact_only(config: Any) -> Any:
+    """The preset's selection alone: compression, correction and the fidelity rows off."""
+    config.compression.enabled = False
+    config.correction.update(enabled=False, gate=False, aux_weight=0.0, aux_rows=0)
+    return config
+
+
+VARIANTS: dict[str, Callable[[Any], Any]] = {"exact": _exact_only}
+"""`PRESET/VARIANT` -> how the variant changes the preset's config."""
 
 
 def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:
     """An attention preset through `sparseformer.attention.attend`; raises SkipCase when it cannot run."""
     del dense_impl
     from sparseformer import attention  # imported lazily: dense runs without the attention package
+    from sparseformer.attention.config import selection_kernel
 
-    config = attention.presets.get(name)
+    base, _, variant = name.partition("/")
+    config = attention.presets.get(base)
+    if variant:
+        if variant not in VARIANTS:
+            raise ValueError(f"{name}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+        if not config.selection.enabled:
+            raise SkipCase(f"{base} selects nothing, so it has no exact part to time alone")
+        config = VARIANTS[variant](config)
     try:
         attention.validate(config, causal=shape.causal, seq_len=shape.length)
     except ValueError as e:
@@ -106,12 +152,19 @@ def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method
         return out
 
     counts = {key: int(val) for key, val in counted.items() if isinstance(val, (int, float))}
-    return Method(name, fn, params, counts, "sparseformer")
+    kernel = selection_kernel(config, shape.length, head_dim=shape.head_dim) if config.selection.enabled else "none"
+    return Method(name, fn, params, counts, "sparseformer", kernel)
 
 
 BASELINE_NAME = "dense"
-BASELINES: dict[str, Callable[..., Method]] = {BASELINE_NAME: build_dense}
+BASELINES: dict[str, Callable[..., Method]] = {BASELINE_NAME: build_dense, "dense_pallas": build_dense_pallas}
 """Methods that are not attention presets, by name."""
+
+
+def is_known(name: str, known: list[str]) -> bool:
+    """A baseline, a preset, or `PRESET/VARIANT`."""
+    base, _, variant = name.partition("/")
+    return name in known or (bool(variant) and base in known and base not in BASELINES and variant in VARIANTS)
 
 
 def known_names() -> list[str]:

@@ -46,6 +46,7 @@ class BenchOptions:
     fidelity: bool = True
     fidelity_seed: int | None = None  # seed of every fidelity input (None: each kind's own default)
     dense_impl: str = "auto"  # auto (cuDNN on a GPU for 16-bit inputs), xla, cudnn
+    compile_only: bool = False  # record compiled memory and FLOPs only: no timing, fidelity or probes
 
     def shape(self, length: int) -> methods.Shape:
         return methods.Shape(self.batch, length, self.heads, self.head_dim, self.causal, self.dtype)
@@ -124,7 +125,7 @@ def _base_record(name: str, length: int, pass_name: str, o: BenchOptions) -> dic
         "peak_rss_bytes": None, "flops": None, "flops_exact": None, "flops_per_s": None,
         "exact_flops_per_s": None, "exact_pairs_per_query": None,
         **{f"error_{kind}": None for kind in inputs.INPUT_KINDS},
-        "compile_s": None, "implementation": None, "skipped": None, "error": None,
+        "compile_s": None, "implementation": None, "kernel": None, "skipped": None, "error": None,
         "dtype": o.dtype, "causal": o.causal, "batch": o.batch, "heads": o.heads, "head_dim": o.head_dim,
     }  # fmt: skip
 
@@ -154,7 +155,7 @@ def _build_cases(o: BenchOptions, length: int, progress: Any) -> list[Case]:
             if method is None:
                 continue
             total, exact = methods.pass_flops(method, pass_name)
-            rec.update(flops=total, flops_exact=exact, implementation=method.implementation)
+            rec.update(flops=total, flops_exact=exact, implementation=method.implementation, kernel=method.kernel)
             rec["exact_pairs_per_query"] = method.flops["exact"] / (4 * o.batch * o.heads * length * o.head_dim)
             try:
                 case.args = measure.case_arguments(method, pass_name, q, k, v)
@@ -277,6 +278,8 @@ def _probe_rss(records: list[dict[str, Any]], o: BenchOptions, progress: Any) ->
 def count_steps(o: BenchOptions) -> int:
     """Progress-bar steps: compiles, warm-ups (upper bound), rounds, fidelity kinds and probes per length."""
     n_cases = len(o.presets) * len(o.passes)
+    if o.compile_only:
+        return 2 * n_cases * len(o.lengths) + o.repeats * len(o.lengths)
     per_length = 2 * n_cases + o.repeats + (len(inputs.INPUT_KINDS) if o.fidelity else 0)
     probes = {"all": n_cases * len(o.lengths), "largest": n_cases, "none": 0}[o.rss]
     return per_length * len(o.lengths) + probes
@@ -299,14 +302,19 @@ def run(o: BenchOptions, *, progress: Any = None, checkpoint: Callable[[dict[str
     }
     for length in o.lengths:
         cases = _build_cases(o, length, progress)
+        if o.compile_only:  # whether a case would fit does not matter: none runs
+            for c in cases:
+                if c.compiled is not None:
+                    c.record["skipped"] = "compile only"
         _time_cases(cases, o, length, progress)
         progress.update(len([c for c in cases if not c.runnable]))  # the warm-ups they did not need
-        extra = _fidelity(cases, o, length, progress) if o.fidelity else []
+        extra = _fidelity(cases, o, length, progress) if o.fidelity and not o.compile_only else []
         records += [c.record for c in cases] + extra
         del cases
         if checkpoint:
             checkpoint(bench)
-    _probe_rss(records, o, progress)
+    if not o.compile_only:
+        _probe_rss(records, o, progress)
     progress.close()
     return bench
 
@@ -318,9 +326,12 @@ def parse_csv(text: str, cast: type = str) -> tuple[Any, ...]:
 
 def validate_options(o: BenchOptions, known: Sequence[str]) -> None:
     """Refuse unknown presets, passes, dtypes and modes before anything is compiled."""
-    unknown = [p for p in o.presets if p not in known]
+    unknown = [p for p in o.presets if not methods.is_known(p, list(known))]
     if unknown:
-        raise ValueError(f"--presets: unknown {unknown}; known: {', '.join(known)}")
+        raise ValueError(
+            f"--presets: unknown {unknown}; known: {', '.join(known)} "
+            f"(and PRESET/VARIANT, variants: {', '.join(methods.VARIANTS)})"
+        )
     bad = [p for p in o.passes if p not in methods.PASSES]
     if bad:
         raise ValueError(f"--passes: unknown {bad}; known: {', '.join(methods.PASSES)}")

@@ -15,7 +15,7 @@ def _cfg(**sections):
 
 CASES = [
     (_cfg(selection=dict(enabled=True, top_k=2, estimator="magic")), {}, "selection.estimator: 'magic' is not one of pooled, bound, maxkey, lsekey, sampled, oracle"),
-    (_cfg(selection=dict(enabled=True, kernel="cuda")), {}, "selection.kernel: 'cuda' is not allowed; must be one of auto, scan, masked"),
+    (_cfg(selection=dict(enabled=True, kernel="cuda")), {}, "selection.kernel: 'cuda' is not allowed; must be one of auto, pallas, scan, masked"),
     (_cfg(compression=dict(enabled=True, kind="nonsense")), {}, "model.attention.compression.kind: 'nonsense' is not one of pool, performer, nystrom, linformer"),
     (_cfg(correction=dict(enabled=True, merge="average")), {}, "correction.merge: 'average' is not one of"),
     (_cfg(selection=dict(enabled=True, block_size=64)), dict(seq_len=100), "selection.block_size: query length 100 is not a multiple of 64"),

@@ -131,3 +131,29 @@ def test_fresh_process_probe_reports_growth() -> None:
     rep = measure.probe_fresh_process("dense", Shape(1, 128, 2, 16), "fwd_bwd", timeout_s=120)
     assert "error" not in rep, rep
     assert rep["peak_rss_bytes"] >= 0
+
+
+@pytest.mark.skipif(not _has_attention(), reason="needs the attention package")
+def test_compile_only_records_memory_and_kernels_without_running(tmp_path) -> None:
+    """`--compile-only` gives the memory table at lengths that do not run; each record names the
+    exact part's kernel; `PRESET/exact` is the selection alone; `dense_pallas` is a GPU baseline."""
+    argv = ["--presets=dense,rsa,rsa/exact,dense_pallas", "--lengths=512", "--compile-only", f"--out={tmp_path}"]
+    assert cli.bench_main(argv) == 0
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["preset"], r["pass"]): r for r in bench["results"]}
+    for preset in ("dense", "rsa", "rsa/exact"):
+        for p in ("fwd", "fwd_bwd"):
+            r = rows[(preset, p)]
+            assert r["median_ms"] is None and r["times_ms"] == [] and r["skipped"] == "compile only"
+            assert r["compiled_bytes"] > 0 and r["error_needle"] is None
+    assert rows[("rsa", "fwd")]["kernel"] == "masked" and rows[("dense", "fwd")]["kernel"] == "xla"
+    assert rows[("rsa/exact", "fwd")]["flops"] < rows[("rsa", "fwd")]["flops"]  # no compressed branch
+    assert rows[("rsa/exact", "fwd")]["flops_exact"] == rows[("rsa", "fwd")]["flops_exact"]
+    assert "GPU" in rows[("dense_pallas", "fwd")]["skipped"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "Compile only" in md and "rsa: masked" in md and "dense_pallas" in md
+
+
+def test_unknown_variant_is_refused() -> None:
+    assert cli.bench_main(["--presets=rsa/fast", "--out=/nonexistent"]) == 2
+    assert cli.bench_main(["--presets=dense/exact", "--out=/nonexistent"]) == 2

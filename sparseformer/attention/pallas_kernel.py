@@ -1,0 +1,519 @@
+"""The fused exact kernel (`selection.kernel = "pallas"`): block-sparse flash attention in Pallas.
+
+The `scan` kernel gathers every chosen key/value block into device memory and runs one small
+matmul per slot for all query blocks at once; on a GPU that reaches a few percent of a fused
+kernel's rate. This kernel walks the same `Selection` the way flash attention walks a row:
+
+- **forward**: one program per (query block, batch, key/value head tile). It loads its query tile
+  once, then for each *valid* slot of its list (compacted to the front, so an unused slot costs
+  nothing) loads that key and value block straight from the whole K/V array and updates the
+  online-softmax state (running max, normaliser, accumulator) held on chip. Only the output and
+  its log-sum-exp are written.
+- **dq**: the same walk, recomputing the probabilities from the stored log-sum-exp.
+- **dk, dv**: one program per (key block, batch, key/value head) walks the *inverted* lists (for
+  each key block, the query blocks that chose it, built once per call by a sort: the transposed
+  mask of splash attention), so every gradient is written by exactly one program, in a fixed
+  order: no atomics, and the backward pass is deterministic (a killed and resumed run reproduces
+  its losses on a GPU too). A key block chosen by many query blocks (a global block is chosen by
+  all of them) has its list cut into pieces of `LIST_PIECE` entries, each piece a program of its
+  own whose partial sums a small second kernel adds in a fixed order, so one long list does not
+  keep the GPU waiting on a single program.
+
+Grouped-query attention: the query heads of a key/value head share one choice (`Selection.group`),
+so one program stacks `heads_per_tile` of them into its query tile (`rows = heads_per_tile * b`)
+and a key block is loaded once for all of them; the dk/dv programs walk every head of the group.
+
+Masks: causal (key position <= query position, which only bites inside the diagonal block, as
+selection never picks a future block), key padding, and `Selection.row_start` (a slot that serves
+only the rows of its query block from an offset on). Logits, softmax statistics and accumulators
+are float32 whatever the input dtype; the matmuls take the inputs' dtype (bfloat16/float16 run
+on tensor cores; float32 inputs multiply in full float32, not TF32).
+
+Backend: Pallas' Triton lowering (`jax.experimental.pallas.triton`). It supports data-dependent
+block addresses read from an index array inside the kernel, which is all this walk needs; it is
+present in jax 0.10.x and, deprecated, in 0.11.x. On a CPU the same kernel runs in Pallas'
+interpret mode (slow: for tests), unless `compile_for_gpu()` asks for the GPU lowering (to lower
+for `cuda` on a machine without one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from sparseformer.attention.dense import LOG0
+
+# A key block's inverted list is walked by programs of at most this many entries each.
+LIST_PIECE = 16
+# Rows x head dim of one program's query tile at most (the accumulator lives in registers).
+MAX_TILE_ELEMENTS = 128 * 128
+
+_COMPILE_FOR_GPU: contextvars.ContextVar[bool] = contextvars.ContextVar("sparseformer_pallas_gpu", default=False)
+
+
+@contextlib.contextmanager
+def compile_for_gpu():
+    """Lower the kernel for the GPU even when the default backend is the CPU (no interpret mode):
+    for `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a machine without a GPU."""
+    token = _COMPILE_FOR_GPU.set(True)
+    try:
+        yield
+    finally:
+        _COMPILE_FOR_GPU.reset(token)
+
+
+def interpret_mode() -> bool:
+    """Whether `pallas_call` runs interpreted: on any backend but a GPU, unless `compile_for_gpu()`."""
+    return not _COMPILE_FOR_GPU.get() and jax.default_backend() != "gpu"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def unsupported_reason(block_size: int, head_dim: int) -> str | None:
+    """Why the kernel cannot run these shapes (None when it can): Triton tiles are powers of two
+    and its matmuls need every dimension >= 16."""
+    for name, x in (("selection.block_size", block_size), ("head dim", head_dim)):
+        if x < 16 or x & (x - 1):
+            return f"{name} {x}: the pallas kernel needs a power of two >= 16"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one call."""
+
+    causal: bool
+    block: int  # b: rows of a query block, keys of a key block
+    heads_per_tile: int  # query heads of one group stacked in a program's query tile
+    tiles_per_group: int  # group size // heads_per_tile
+    slots: int  # K: slots per query block
+    num_query_blocks: int  # n
+    num_key_blocks: int  # m
+    has_start: bool
+    has_mask: bool
+    interpret: bool
+
+    @property
+    def rows(self) -> int:
+        return self.heads_per_tile * self.block
+
+    def params(self, head_dim: int):
+        from jax.experimental.pallas import triton as pl_triton
+
+        warps = 4 if self.rows * head_dim <= 64 * 64 and self.block <= 64 else 8
+        return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
+
+
+def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mask: bool) -> Plan:
+    group = selection.group
+    hp = 1
+    while hp * 2 <= group and group % (hp * 2) == 0 and 2 * hp * selection.block_size * head_dim <= MAX_TILE_ELEMENTS:
+        hp *= 2
+    return Plan(
+        causal=causal,
+        block=selection.block_size,
+        heads_per_tile=hp,
+        tiles_per_group=group // hp,
+        slots=selection.idx.shape[-1],
+        num_query_blocks=selection.idx.shape[2],
+        num_key_blocks=selection.num_key_blocks,
+        has_start=selection.row_start is not None,
+        has_mask=has_mask,
+        interpret=interpret_mode(),
+    )
+
+
+# ---------------------------------------------------------------- the lists each program walks
+
+
+def forward_lists(plan: Plan, idx, valid, row_start, qids):
+    """Per (batch, kv head, query block): `[count, qid, block_0..block_{K-1}, start_0..]` int32,
+    valid slots first in their original order (an unused slot is never visited). `[B, Hk, n, M]`."""
+    B, Hk, n, K = idx.shape
+    order = jnp.argsort(~valid, axis=-1, stable=True)
+    parts = [
+        jnp.sum(valid, -1, dtype=jnp.int32)[..., None],
+        jnp.broadcast_to(qids.astype(jnp.int32)[:, None], (B, Hk, n, 1)),
+        jnp.take_along_axis(idx, order, -1).astype(jnp.int32),
+    ]
+    if plan.has_start:
+        parts.append(jnp.take_along_axis(row_start, order, -1).astype(jnp.int32))
+    meta = jnp.concatenate(parts, -1)
+    width = _next_pow2(meta.shape[-1])
+    return jnp.pad(meta, ((0, 0), (0, 0), (0, 0), (0, width - meta.shape[-1])))
+
+
+def inverted_lists(plan: Plan, idx, valid, row_start):
+    """For each key block, the query blocks that chose it, cut into pieces of `LIST_PIECE`.
+
+    Returns `pieces [B, Hk, P, 4]` int32 rows `(key block, first entry, end entry, 0)` for the
+    `P = m + ceil(n*K / LIST_PIECE)` programs (a key block's first piece is program `j`; the
+    pieces after the first follow, in key-block order; unused programs have an empty range), and
+    `entries [B, Hk, E]` int32: the sorted query blocks (then their row starts), `E` a power of two.
+    """
+    B, Hk, n, K = idx.shape
+    m, piece = plan.num_key_blocks, LIST_PIECE
+    nk = n * K
+    qblock = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, K))
+    key = jnp.where(valid, idx * n + qblock, m * n).reshape(B, Hk, nk)  # sorted by block, then query
+    order = jnp.argsort(key, axis=-1, stable=True)
+    sorted_key = jnp.take_along_axis(key, order, -1)
+    bounds = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m + 1) * n)))(sorted_key)  # [B, Hk, m+1]
+    start, end = bounds[..., :-1], bounds[..., 1:]
+    # first piece of block j: program j; further pieces: programs m + (their rank among extras)
+    first_end = jnp.minimum(end, start + piece)
+    extra = jnp.maximum(0, -(-(end - start) // piece) - 1)  # [B, Hk, m]
+    extra_before = jnp.cumsum(extra, -1) - extra
+    P_extra = -(-nk // piece)
+    p = jnp.arange(P_extra)
+    # owner block of extra piece p: the last block whose extras start at or before p
+    owner = jax.vmap(jax.vmap(lambda eb, ex: jnp.searchsorted(eb + ex, p, side="right")))(extra_before, extra)
+    owner_c = jnp.minimum(owner, m - 1)
+    rank = p - jnp.take_along_axis(extra_before, owner_c, -1)  # 0-based rank among the owner's extras
+    e_start = jnp.take_along_axis(start, owner_c, -1) + (rank + 1) * piece
+    e_end = jnp.minimum(jnp.take_along_axis(end, owner_c, -1), e_start + piece)
+    in_use = owner < m
+    e_start, e_end = jnp.where(in_use, e_start, 0), jnp.where(in_use, e_end, 0)
+    blocks = jnp.concatenate([jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (B, Hk, m)), owner_c], -1)
+    pieces = jnp.stack(
+        [blocks, jnp.concatenate([start, e_start], -1), jnp.concatenate([first_end, e_end], -1), jnp.zeros_like(blocks)],
+        -1,
+    ).astype(jnp.int32)
+    qsorted = (sorted_key % n).astype(jnp.int32)
+    parts = [qsorted]
+    if plan.has_start:
+        parts.append(jnp.take_along_axis(row_start.reshape(B, Hk, nk), order, -1).astype(jnp.int32))
+    entries = jnp.concatenate(parts, -1)
+    width = _next_pow2(entries.shape[-1])
+    return pieces, jnp.pad(entries, ((0, 0), (0, 0), (0, width - entries.shape[-1])))
+
+
+def piece_owners(plan: Plan, pieces):
+    """For the reduction: per key block, the range of its extra pieces `[B, Hk, m, 2]` (program
+    indices minus m), so partial sums are added in one fixed order."""
+    m = plan.num_key_blocks
+    owner = pieces[..., m:, 0]
+    used = pieces[..., m:, 2] > pieces[..., m:, 1]
+    key = jnp.where(used, owner, m)
+    lo = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m), side="left")))(key)
+    hi = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m), side="right")))(key)
+    return jnp.stack([lo, hi], -1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def _dot_t(a, b):
+    """`a @ b.T` with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _t_dot(a, b):
+    """`a.T @ b` with float32 accumulation."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _pair_mask(plan: Plan, qid, blk, start, kmask_ref_or_block):
+    """Allowed pairs of a `[rows, b]` tile (None when all are), for query block `qid` against key
+    block `blk`; `kmask` is the key block's `[b]` mask (a ref slice or a loaded block)."""
+    b, rows = plan.block, plan.rows
+    r = lax.broadcasted_iota(jnp.int32, (rows, b), 0) % b
+    c = lax.broadcasted_iota(jnp.int32, (rows, b), 1)
+    mask = None
+
+    def both(x, y):
+        return y if x is None else x & y
+
+    if plan.causal:
+        mask = both(mask, blk * b + c <= qid * b + r)
+    if plan.has_start:
+        mask = both(mask, r >= start)
+    if plan.has_mask:
+        mask = both(mask, (kmask_ref_or_block != 0)[None, :])
+    return mask
+
+
+def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
+    kmask_ref = refs[0] if plan.has_mask else None
+    o_ref, lse_ref = refs[-2:]
+    b, rows, K = plan.block, plan.rows, plan.slots
+    q = q_ref[...]
+    count, qid = meta_ref[0], meta_ref[1]
+
+    def body(j, carry):
+        acc, m_i, l_i = carry
+        blk = meta_ref[2 + j]
+        start = meta_ref[2 + K + j] if plan.has_start else None
+        keys = pl.ds(blk * b, b)
+        s = _dot_t(q, k_ref[keys, :])
+        mask = _pair_mask(plan, qid, blk, start, kmask_ref[keys] if plan.has_mask else None)
+        if mask is not None:
+            s = jnp.where(mask, s, LOG0)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        alpha = jnp.exp(m_i - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        if mask is not None:  # a row with nothing allowed in this slot must gain nothing
+            p = jnp.where(mask, p, 0.0)
+        v = v_ref[keys, :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l_i * alpha + jnp.sum(p, axis=1)
+
+    D = q.shape[-1]
+    init = (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), LOG0, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    acc, m_i, l_i = lax.fori_loop(0, count, body, init)
+    has = l_i > 0
+    safe = jnp.where(has, l_i, 1.0)
+    o_ref[...] = acc / safe[:, None]
+    lse_ref[...] = jnp.where(has, m_i + jnp.log(safe), LOG0)
+
+
+def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
+    kmask_ref = refs[0] if plan.has_mask else None
+    do_ref, lse_ref, dd_ref, dq_ref = refs[-4:]
+    b, K = plan.block, plan.slots
+    q = q_ref[...]
+    do = do_ref[...].astype(q.dtype)
+    lse, dd = lse_ref[...], dd_ref[...]
+    count, qid = meta_ref[0], meta_ref[1]
+
+    def body(j, dq):
+        blk = meta_ref[2 + j]
+        start = meta_ref[2 + K + j] if plan.has_start else None
+        keys = pl.ds(blk * b, b)
+        k = k_ref[keys, :]
+        p = jnp.exp(_dot_t(q, k) - lse[:, None])
+        mask = _pair_mask(plan, qid, blk, start, kmask_ref[keys] if plan.has_mask else None)
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        ds = p * (_dot_t(do, v_ref[keys, :]) - dd[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq_ref[...] = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+
+
+def _dkv_kernel(pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
+    kmask_ref = refs[0] if plan.has_mask else None
+    do_ref, lse_ref, dd_ref, dk_ref, dv_ref, dk_extra_ref, dv_extra_ref = refs[-7:]
+    b, rows, R = plan.block, plan.rows, plan.tiles_per_group
+    blk, first, end = pieces_ref[0], pieces_ref[1], pieces_ref[2]
+    keys = pl.ds(blk * b, b)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    kmask = kmask_ref[keys] if plan.has_mask else None
+    start_off = plan.num_query_blocks * plan.slots  # entries: query blocks, then their row starts
+
+    def body(t, carry):
+        dk, dv = carry
+        i = entries_ref[t]
+        qid = qid_ref[i]
+        start = entries_ref[start_off + t] if plan.has_start else None
+        mask = _pair_mask(plan, qid, blk, start, kmask)
+        q_rows = pl.ds(i * rows, rows)
+        for r in range(R):  # every query head of the group, a tile at a time
+            q = q_ref[r, q_rows, :]
+            do = do_ref[r, q_rows, :].astype(q.dtype)
+            p = jnp.exp(_dot_t(q, k) - lse_ref[r, q_rows][:, None])
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+            dv = dv + _t_dot(p.astype(do.dtype), do)
+            ds = p * (_dot_t(do, v) - dd_ref[r, q_rows][:, None])
+            dk = dk + _t_dot(ds.astype(q.dtype), q)
+        return dk, dv
+
+    D = k.shape[-1]
+    zeros = jnp.zeros((b, D), jnp.float32)
+    dk, dv = lax.fori_loop(first, end, body, (zeros, zeros))
+    program = pl.program_id(0)
+
+    @pl.when(program < plan.num_key_blocks)  # a key block's first piece: straight into dk, dv
+    def _():
+        dk_ref[...] = dk
+        dv_ref[...] = dv
+
+    @pl.when(program >= plan.num_key_blocks)  # a further piece: a partial sum, added later
+    def _():
+        dk_extra_ref[...] = dk
+        dv_extra_ref[...] = dv
+
+
+def _reduce_kernel(ranges_ref, extra_ref, first_ref, out_ref, *, plan: Plan):
+    """A key block's gradient: its first piece plus its further pieces, added in program order."""
+    lo, hi = ranges_ref[0], ranges_ref[1]
+    out_ref[...] = lax.fori_loop(lo, hi, lambda p, acc: acc + extra_ref[p], first_ref[...])
+
+
+# ---------------------------------------------------------------- calls
+
+
+def _call(kernel, plan: Plan, grid, in_specs, out_specs, out_shape, args, name, head_dim, aliases=None):
+    return pl.pallas_call(
+        functools.partial(kernel, plan=plan),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases or {},
+        interpret=plan.interpret,
+        compiler_params=None if plan.interpret else plan.params(head_dim),
+        name=name,
+    )(*args)
+
+
+def _q_spec(plan: Plan, D: int):  # [B, Hk, R, n*rows, D] -> one query tile
+    R = plan.tiles_per_group
+    return pl.BlockSpec((None, None, None, plan.rows, D), lambda i, bb, h: (bb, h // R, h % R, i, 0))
+
+
+def _row_spec(plan: Plan):  # [B, Hk, R, n*rows] -> one tile's rows
+    R = plan.tiles_per_group
+    return pl.BlockSpec((None, None, None, plan.rows), lambda i, bb, h: (bb, h // R, h % R, i))
+
+
+def _walk_specs(plan: Plan, S: int, D: int, M: int):
+    """Specs of (meta, q, k, v[, kmask]) for the programs that walk a query block's list."""
+    R = plan.tiles_per_group
+    specs = [
+        pl.BlockSpec((None, None, None, M), lambda i, bb, h: (bb, h // R, i, 0)),
+        _q_spec(plan, D),
+        pl.BlockSpec((None, None, S, D), lambda i, bb, h: (bb, h // R, 0, 0)),
+        pl.BlockSpec((None, None, S, D), lambda i, bb, h: (bb, h // R, 0, 0)),
+    ]
+    if plan.has_mask:
+        specs.append(pl.BlockSpec((None, S), lambda i, bb, h: (bb, 0)))
+    return specs
+
+
+def _forward(plan: Plan, qg, k, v, meta, kmask):
+    B, Hk, R, TR, D = qg.shape
+    S, n = k.shape[2], plan.num_query_blocks
+    grid = (n, B, Hk * R)
+    args = (meta, qg, k, v) + ((kmask,) if plan.has_mask else ())
+    out_shape = (jax.ShapeDtypeStruct(qg.shape, jnp.float32), jax.ShapeDtypeStruct(qg.shape[:-1], jnp.float32))
+    return _call(
+        _forward_kernel, plan, grid, _walk_specs(plan, S, D, meta.shape[-1]), (_q_spec(plan, D), _row_spec(plan)),
+        out_shape, args, "sparseformer_block_sparse_fwd", D,
+    )
+
+
+def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse):
+    B, Hk, R, TR, D = qg.shape
+    S, n, m, b = k.shape[2], plan.num_query_blocks, plan.num_key_blocks, plan.block
+    dd = jnp.sum(d_out * out, axis=-1) - d_lse  # delta minus the log-sum-exp's own cotangent
+    mask_args = (kmask,) if plan.has_mask else ()
+
+    dq = _call(
+        _dq_kernel, plan, (n, B, Hk * R),
+        _walk_specs(plan, S, D, meta.shape[-1]) + [_q_spec(plan, D), _row_spec(plan), _row_spec(plan)],
+        _q_spec(plan, D), jax.ShapeDtypeStruct(qg.shape, jnp.float32),
+        (meta, qg, k, v) + mask_args + (d_out, lse, dd), "sparseformer_block_sparse_dq", D,
+    )
+
+    P = pieces.shape[2]
+    n_pad = _next_pow2(n)
+    qids_p = jnp.pad(qids.astype(jnp.int32), (0, n_pad - n))
+    whole_q = pl.BlockSpec((None, None, R, TR, D), lambda p, bb, hk: (bb, hk, 0, 0, 0))
+    whole_rows = pl.BlockSpec((None, None, R, TR), lambda p, bb, hk: (bb, hk, 0, 0))
+    whole_kv = pl.BlockSpec((None, None, S, D), lambda p, bb, hk: (bb, hk, 0, 0))
+    in_specs = [
+        pl.BlockSpec((None, None, None, 4), lambda p, bb, hk: (bb, hk, p, 0)),
+        pl.BlockSpec((None, None, entries.shape[-1]), lambda p, bb, hk: (bb, hk, 0)),
+        pl.BlockSpec((n_pad,), lambda p, bb, hk: (0,)),
+        whole_q, whole_kv, whole_kv,
+    ]
+    if plan.has_mask:
+        in_specs.append(pl.BlockSpec((None, S), lambda p, bb, hk: (bb, 0)))
+    in_specs += [whole_q, whole_rows, whole_rows]
+    first_out = pl.BlockSpec((None, None, b, D), lambda p, bb, hk: (bb, hk, jnp.minimum(p, m - 1), 0))
+    extra_out = pl.BlockSpec((None, None, None, b, D), lambda p, bb, hk: (bb, hk, jnp.maximum(p - m, 0), 0, 0))
+    first_shape = jax.ShapeDtypeStruct((B, Hk, S, D), jnp.float32)
+    extra_shape = jax.ShapeDtypeStruct((B, Hk, P - m, b, D), jnp.float32)
+    dk, dv, dk_x, dv_x = _call(
+        _dkv_kernel, plan, (P, B, Hk), in_specs, (first_out, first_out, extra_out, extra_out),
+        (first_shape, first_shape, extra_shape, extra_shape),
+        (pieces, entries, qids_p, qg, k, v) + mask_args + (d_out, lse, dd), "sparseformer_block_sparse_dkv", D,
+    )
+    ranges = piece_owners(plan, pieces)
+    red_specs = [
+        pl.BlockSpec((None, None, None, 2), lambda j, bb, hk: (bb, hk, j, 0)),
+        pl.BlockSpec((None, None, P - m, b, D), lambda j, bb, hk: (bb, hk, 0, 0, 0)),
+        pl.BlockSpec((None, None, b, D), lambda j, bb, hk: (bb, hk, j, 0)),
+    ]
+    red_out = pl.BlockSpec((None, None, b, D), lambda j, bb, hk: (bb, hk, j, 0))
+
+    def reduce(first, extra):  # adds the further pieces in place (the first pieces' buffer is the output)
+        return _call(
+            _reduce_kernel, plan, (m, B, Hk), red_specs, red_out, first_shape, (ranges, extra, first),
+            "sparseformer_block_sparse_dkv_sum", D, aliases={2: 0},
+        )
+
+    return dq, reduce(dk, dk_x), reduce(dv, dv_x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
+    return _forward(plan, qg, k, v, meta, kmask)
+
+
+def _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
+    out, lse = _forward(plan, qg, k, v, meta, kmask)
+    return (out, lse), (qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse)
+
+
+def _fused_bwd(plan, res, cts):
+    qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
+    d_out, d_lse = cts
+    pieces, entries = inverted_lists(plan, idx, valid, row_start)
+    dq, dk, dv = _backward(plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse,
+                           d_out.astype(jnp.float32), d_lse.astype(jnp.float32))
+    return (dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_mask=None):
+    """Exact attention of each query block over its chosen key blocks, fused (see the module).
+
+    Args:
+      causal: the causal mask (inside diagonal blocks; selection never picks a future block).
+      q_BHTD: `[B, H, T, D]` queries, scaled by 1/sqrt(D); `T = n * block_size` (the selection's rows).
+      k_BHkSD, v_BHkSD: `[B, Hk, S, D]` keys and values, one per key/value head (`H = Hk * group`).
+      selection: the `Selection` (its `group` heads share one choice: the first head's is used).
+      kv_mask: `[B, S]` bool key mask, or None.
+
+    Returns:
+      out `[B, H, T, D]` float32 (zero rows where nothing is allowed) and its log-sum-exp
+      `[B, H, T]` (LOG0 there): the same as the `scan` and `masked` kernels.
+    """
+    B, H, T, D = q_BHTD.shape
+    Hk, S = k_BHkSD.shape[1], k_BHkSD.shape[2]
+    G = selection.group
+    if H != Hk * G:
+        raise ValueError(f"model.attention: {H} query heads for {Hk} key/value heads and group {G}")
+    reason = unsupported_reason(selection.block_size, D)
+    if reason:
+        raise ValueError(f"model.attention.selection.kernel: 'pallas' cannot run: {reason}")
+    plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None)
+    hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
+    first = lambda x: None if x is None else x[:, ::G]  # noqa: E731 (one head per group)
+    idx, valid, row_start = first(selection.idx), first(selection.valid), first(selection.row_start)
+    meta = forward_lists(plan, idx, valid, row_start, selection.qids)
+    # [B, H, T, D] = [B, Hk, R, hp, n, b, D] -> [B, Hk, R, n * hp * b, D]: a tile is hp heads of one block
+    qg = q_BHTD.reshape(B, Hk, R, hp, n, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, Hk, R, n * hp * b, D)
+    kmask = None if kv_mask is None else kv_mask.astype(jnp.int32)
+    out, lse = _fused(plan, qg, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)
+    out = out.reshape(B, Hk, R, n, hp, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, H, T, D)
+    lse = lse.reshape(B, Hk, R, n, hp, b).transpose(0, 1, 2, 4, 3, 5).reshape(B, H, T)
+    return out, lse

@@ -1,0 +1,191 @@
+"""The fused Pallas kernel: equal to the `scan` kernel (interpret mode on this CPU), and it lowers
+for the GPU (shape and tiling errors show here, before a GPU is lent)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparseformer.attention import attend, block_multiple, init_params, pallas_kernel, presets
+from sparseformer.attention.config import selection_kernel
+from sparseformer.attention.selection import Selection, block_sparse_attention, choose_blocks, to_blocks
+from tests.attention.helpers import random_qkv, rel_error
+
+
+def _selection(key, *, B, H, G, n, b, causal, row_starts):
+    """A random selection with repeats, invalid slots and (optionally) row starts; one per group."""
+    rng = np.random.default_rng(key)
+    Hk, K = H // G, 6
+    idx = rng.integers(0, n, size=(B, Hk, n, K))
+    if causal:
+        idx = np.minimum(idx, np.arange(n)[:, None])
+    idx[..., 0] = np.arange(n)  # the diagonal block
+    idx[..., 1] = 0  # a global block: every query block chose it (a long inverted list)
+    valid = rng.random(idx.shape) < 0.8
+    valid[..., 0] = True
+    for j in range(1, K):  # distinct blocks only
+        valid[..., j] &= ~np.any((idx[..., :j] == idx[..., j : j + 1]) & valid[..., :j], -1)
+    start = rng.integers(0, b, size=idx.shape) if row_starts else None
+    if row_starts:
+        start[..., 0] = 0
+    rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, G, axis=1), jnp.int32)  # noqa: E731
+    return Selection(idx=rep(idx), valid=jnp.asarray(np.repeat(valid, G, axis=1)), qids=jnp.arange(n),
+                     block_size=b, num_key_blocks=n, row_start=rep(start), group=G)
+
+
+CASES = {
+    # name: (causal, dtype, block, group, padding, row_starts)
+    "bidirectional-padding-gqa-rowstart-b32": (False, jnp.float32, 32, 2, True, True),
+    "causal-gqa-b64": (True, jnp.float32, 64, 4, False, False),
+    "causal-bfloat16-b32": (True, jnp.bfloat16, 32, 1, True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case):
+    causal, dtype, b, G, padding, row_starts = CASES[case]
+    monkeypatch.setattr(pallas_kernel, "LIST_PIECE", 2)  # long inverted lists in pieces, summed in order
+    monkeypatch.setattr(pallas_kernel, "MAX_TILE_ELEMENTS", 2 * b * 16)  # 2 heads a tile: groups span tiles
+    B, H, n, D = 2, 4, 4, 16
+    T = n * b
+    q, k, v = (x.astype(dtype) for x in random_qkv(jax.random.key(0), B=B, T=T, H=H, D=D, scale=1.0))
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q * D**-0.5, k[:, :, ::G], v[:, :, ::G]))  # k, v: [B, Hk, S, D]
+    kv_mask = jnp.ones((B, T), bool).at[1, T - b // 2 :].set(False).at[0, 3:5].set(False) if padding else None
+    sel = _selection(1, B=B, H=H, G=G, n=n, b=b, causal=causal, row_starts=row_starts)
+    w_out = jax.random.normal(jax.random.key(2), (B, H, T, D))
+    w_lse = jax.random.normal(jax.random.key(3), (B, H, T))
+
+    def fused(qh, kh, vh):
+        out, lse = pallas_kernel.fused_block_attention(causal, qh, kh, vh, sel, kv_mask)
+        return out, lse
+
+    def scan(qh, kh, vh):
+        kr, vr = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
+        kmask_b = None if kv_mask is None else kv_mask.reshape(B, n, b)
+        out, lse = block_sparse_attention(causal, to_blocks(qh, b), to_blocks(kr, b), to_blocks(vr, b),
+                                          sel.idx, sel.valid, sel.row_start, kmask_b, sel.qids)
+        return out.reshape(B, H, T, D), lse.reshape(B, H, T)
+
+    results = {}
+    for name, fn in (("fused", fused), ("scan", scan)):
+        def loss(qh, kh, vh, fn=fn):
+            out, lse = fn(qh, kh, vh)
+            keep = lse > -1e29  # rows with nothing allowed carry no log-sum-exp gradient
+            return jnp.sum(out * w_out) + jnp.sum(jnp.where(keep, lse, 0.0) * w_lse), (out, lse)
+
+        results[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(qh, kh, vh)
+    (_, (out_f, lse_f)), g_f = results["fused"]
+    (_, (out_s, lse_s)), g_s = results["scan"]
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert rel_error(out_f, out_s) < tol
+    np.testing.assert_allclose(np.asarray(lse_f), np.asarray(lse_s), rtol=tol, atol=tol)
+    for a, c in zip(g_f, g_s):
+        assert a.dtype == c.dtype == dtype
+        assert rel_error(a, c) < (1e-4 if dtype == jnp.float32 else 3e-2)
+    if padding:  # padded keys get no gradient
+        assert float(jnp.max(jnp.abs(g_f[1][1, :, T - b // 2 :].astype(jnp.float32)))) == 0.0
+
+
+def test_unused_slots_are_not_visited():
+    """The forward lists put valid slots first and count them: an unused slot costs nothing."""
+    sel = _selection(4, B=1, H=2, G=1, n=4, b=16, causal=False, row_starts=True)
+    plan = pallas_kernel.make_plan(False, sel, num_heads=2, head_dim=16, has_mask=False)
+    meta = np.asarray(pallas_kernel.forward_lists(plan, sel.idx, sel.valid, sel.row_start, sel.qids))
+    idx, valid, start = (np.asarray(x) for x in (sel.idx, sel.valid, sel.row_start))
+    K = idx.shape[-1]
+    for h in range(2):
+        for i in range(4):
+            count = meta[0, h, i, 0]
+            assert count == valid[0, h, i].sum() and meta[0, h, i, 1] == i
+            np.testing.assert_array_equal(meta[0, h, i, 2 : 2 + count], idx[0, h, i][valid[0, h, i]])
+            np.testing.assert_array_equal(meta[0, h, i, 2 + K : 2 + K + count], start[0, h, i][valid[0, h, i]])
+
+
+def test_attend_with_the_fused_kernel_decodes_as_the_full_pass():
+    q, k, v = random_qkv(jax.random.key(5), T=128, H=4, D=16)
+    k, v = k[:, :, :2], v[:, :, :2]
+    c = presets.get("rsa")
+    c.selection.update(block_size=16, kernel="pallas", top_k=2)
+    params = init_params(c, jax.random.key(7), num_heads=4, head_dim=16, max_len=128)
+    full = jax.jit(lambda q, k, v: attend(q, k, v, c, params=params, causal=True)[0])(q, k, v)
+    step = jax.jit(lambda q, k, v, i: attend(q, k, v, c, params=params, causal=True, query_block=i)[0])
+    m = block_multiple(c, causal=True)
+    blocks = [step(q, k, v, i) for i in range(128 // m)]
+    assert rel_error(jnp.concatenate(blocks, axis=1), full) < 1e-5
+    c_scan = presets.get("rsa")
+    c_scan.selection.update(block_size=16, kernel="scan", top_k=2)
+    ref = jax.jit(lambda q, k, v: attend(q, k, v, c_scan, params=params, causal=True)[0])(q, k, v)
+    assert rel_error(full, ref) < 1e-5
+
+
+@pytest.mark.parametrize("block,head_dim", [(64, 64), (64, 128), (128, 64), (128, 128)])
+def test_forward_backward_lowers_for_the_gpu(block, head_dim):
+    """Tracing, tiling and shape errors of the Triton lowering show on this CPU; the PTX compile
+    itself happens only on a GPU."""
+    T, H, Hk = 4096, 8, 4
+    q = jax.ShapeDtypeStruct((1, T, H, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, T, Hk, head_dim), jnp.bfloat16)
+    c = presets.get("rsa")
+    c.selection.update(block_size=block, kernel="pallas")
+
+    def loss(q, k, v):
+        out, aux = attend(q, k, v, c, causal=block == 64, rng=jax.random.key(0))
+        return jnp.sum(out.astype(jnp.float32)) + aux["aux_loss"]
+
+    with pallas_kernel.compile_for_gpu():
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+    # forward, dq, dk/dv and the two in-order sums of the dk/dv pieces
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 5
+
+
+def test_auto_takes_the_fused_kernel_on_a_gpu_only():
+    c = presets.get("rsa")
+    assert selection_kernel(c, 8192, head_dim=64, backend="gpu") == "pallas"
+    assert selection_kernel(c, 8192, head_dim=64, backend="cpu") == "scan"
+    assert selection_kernel(c, 256, head_dim=64, backend="cpu") == "masked"
+    assert selection_kernel(c, 8192, head_dim=24, backend="gpu") == "scan"  # Triton tiles are powers of two
+
+
+def test_unsupported_shapes_are_refused_before_compiling():
+    q, k, v = random_qkv(jax.random.key(0), T=96, D=16)
+    c = presets.get("local")
+    c.selection.update(block_size=24, kernel="pallas")
+    with pytest.raises(ValueError, match="model.attention.selection.block_size: 24"):
+        attend(q, k, v, c)
+    q, k, v = random_qkv(jax.random.key(0), T=64, D=24)
+    c.selection.block_size = 16
+    with pytest.raises(ValueError, match="model.attention.selection.kernel: 'pallas' needs a head dim"):
+        attend(q, k, v, c)
+
+
+def test_choice_for_groups_reaches_the_kernel_once_per_group():
+    """`choose_blocks` with a group returns one choice per key/value head, repeated to its heads:
+    the kernel reads the first head of each group."""
+    q, k, _ = random_qkv(jax.random.key(1), T=64, H=4, D=16)
+    qb = to_blocks(jnp.swapaxes(q, 1, 2), 16)
+    kb = to_blocks(jnp.swapaxes(jnp.repeat(k[:, :, :2], 2, axis=2), 1, 2), 16)
+    cfg = presets.get("rsa").selection
+    cfg.update(block_size=16, top_k=1)
+    sel = choose_blocks(qb, kb, None, jnp.arange(4), num_query_blocks=4, cfg=cfg, causal=False,
+                        rng=jax.random.key(0), group=2)
+    assert sel.group == 2
+    np.testing.assert_array_equal(np.asarray(sel.idx[:, ::2]), np.asarray(sel.idx[:, 1::2]))
+
+
+@pytest.mark.parametrize("name", ["local", "bigbird", "longformer", "scatterbrain", "nsa", "rsa"])
+def test_every_selecting_preset_runs_on_the_fused_kernel(name):
+    """The presets reach the fused kernel through the same `Selection` (forward, padded keys)."""
+    q, k, v = random_qkv(jax.random.key(6), T=128, D=16)
+    mask = jnp.ones((2, 128), bool).at[1, 100:].set(False)
+    outs = {}
+    for kernel in ("pallas", "masked"):
+        c = presets.get(name)
+        c.selection.update(block_size=16, kernel=kernel)
+        c.selection.update(window=min(c.selection.window, 1), top_k=min(c.selection.top_k, 1),
+                           global_blocks=min(c.selection.global_blocks, 1),
+                           random_blocks=min(c.selection.random_blocks, 1))
+        c.compression.rank = 16
+        params = init_params(c, jax.random.key(7), num_heads=2, head_dim=16, max_len=128)
+        outs[kernel] = jax.jit(lambda q, k, v, c=c, params=params: attend(
+            q, k, v, c, params=params, kv_mask=mask, rng=jax.random.key(1))[0])(q, k, v)
+    assert rel_error(outs["pallas"], outs["masked"]) < 1e-5
