@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparseformer.attention import attend, block_multiple, default_config, init_params, presets, validate
+from sparseformer.attention import attend, block_multiple, default_config, init_params, presets
 from sparseformer.attention import selection as selection_lib
-from tests.attention.helpers import random_qkv, reference, rel_error, run
+from tests.attention.helpers import causal_presets, random_qkv, reference, rel_error, run
 
 T, B = 128, 8  # 16 blocks: every preset's default budget fits
 
@@ -25,14 +25,7 @@ def _causal_config(name, kernel):
 
 
 def _causal_presets():
-    out = []
-    for name in presets.names():
-        try:
-            validate(_causal_config(name, "scan"), causal=True, seq_len=T)
-        except ValueError:
-            continue
-        out.append(name)
-    return out
+    return causal_presets(lambda name: _causal_config(name, "scan"), T)
 
 
 def _future_changes_past(c, t, seed=0):
