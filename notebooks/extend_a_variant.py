@@ -84,7 +84,8 @@ GROUPS = 4
 def groupmax_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     """Score of each key block's best key for any of the query block's group-mean queries."""
     B, H, n, b, D = qb.shape
-    q_groups_BHngD = jnp.mean(qb.reshape(B, H, n, GROUPS, b // GROUPS, D), axis=4)
+    g = GROUPS if b % GROUPS == 0 else 1  # causal calls pass one query per anchor: one group
+    q_groups_BHngD = jnp.mean(qb.reshape(B, H, n, g, b // g, D), axis=4)
     s_BHngmb = jnp.einsum("bhngd,bhmkd->bhngmk", q_groups_BHngD, kb, preferred_element_type=jnp.float32)
     if kmask_b is not None:  # a padded key is never a block's best key
         s_BHngmb = jnp.where(kmask_b[:, None, None, None], s_BHngmb, -jnp.inf)
