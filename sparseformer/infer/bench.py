@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from sparseformer.bench import measure
-from sparseformer.bench.report import _json_safe, _ratio
+from sparseformer.bench.report import _ratio, write_files
 from sparseformer.bench.runner import machine_info
 from sparseformer.infer import model as model_lib
 from sparseformer.infer import predict as predict_lib
@@ -290,16 +290,8 @@ def plot(bench: dict[str, Any], path: str) -> None:
 
 
 def write(bench: dict[str, Any], out_dir: str, *, command: str | None = None) -> dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    if command:
-        bench["command"] = command
-    paths = {ext: os.path.join(out_dir, f"inference.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(_json_safe(bench), f, indent=1)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(bench, command=command))
-    plot(bench, paths["png"])
-    return paths
+    """Write `inference.json`, `inference.md` and `inference.png` under `out_dir`; returns their paths."""
+    return write_files(bench, out_dir, "inference", markdown, plot, command=command)
 
 
 def bench_models_main(argv: list[str]) -> int:
