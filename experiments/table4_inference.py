@@ -88,6 +88,34 @@ def bench(tasks: list[str], workdir: Path, out: Path, repeats: int) -> int:
     return 0
 
 
+def metric_curve(run: Path) -> list[tuple[int, float]]:
+    """The task metric of every kept checkpoint of a run, on its test split: `(step, metric)`.
+
+    Each step is evaluated from a copy of the run directory that holds that checkpoint alone (the
+    evaluator restores the latest one). Cached in RUN/metric_curve.json.
+    """
+    import shutil
+    import tempfile
+
+    from sparseformer.train.loop import evaluate_workdir
+
+    cache = run / "metric_curve.json"
+    if cache.exists():
+        return [tuple(x) for x in json.loads(cache.read_text())]
+    curve = []
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    for step in steps:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(run / "config.json", tmp)
+            shutil.copytree(run / "checkpoints" / str(step), Path(tmp) / "checkpoints" / str(step))
+            res = evaluate_workdir(tmp, "test")
+        metric = "bleu" if "bleu" in res else "accuracy"
+        curve.append((step, float(res[metric])))
+        print(f"{run}: step {step}: {metric} {res[metric]:.3f}", flush=True)
+    cache.write_text(json.dumps(curve))
+    return curve
+
+
 def table(tasks: list[str], workdir: Path, out: Path) -> str:
     lines = ["**Inference of trained models: task metric, and speed and memory relative to dense at the task's length**", "",
              "| task | length | variant | metric | batch-1 latency ms (speed-up) | throughput /s (x dense) | peak memory MB (x dense) "
@@ -120,6 +148,13 @@ def table(tasks: list[str], workdir: Path, out: Path) -> str:
             lines.append(f"| {task} | {length} | {g(d, 'latency_ms_p50')} | {g(r, 'latency_ms_p50')} ({g(r, 'latency_speedup', '{:.2f}x')}) "
                          f"| {mb(d, 'peak_rss_bytes')} | {mb(r, 'peak_rss_bytes')} ({g(r, 'peak_rss_vs_dense', '{:.3f}')}) "
                          f"| {mb(d, 'compiled_bytes')} | {mb(r, 'compiled_bytes')} ({g(r, 'compiled_vs_dense', '{:.3f}')}) |")
+    curves = [(task, v, metric_curve(d)) for task in tasks for v, d in run_dirs(workdir, task).items()
+              if len([p for p in (d / "checkpoints").iterdir() if p.name.isdigit()]) > 1]
+    if curves:
+        lines += ["", "**The task metric during training (test split, each kept checkpoint)**", "",
+                  "| task | variant | " + " | ".join(f"step {s}" for s, _ in curves[0][2]) + " |",
+                  "| --- | --- |" + " ---: |" * len(curves[0][2])]
+        lines += [f"| {task} | {v} | " + " | ".join(f"{m:.2f}" for _, m in c) + " |" for task, v, c in curves]
     text = "\n".join(lines) + "\n"
     (out / "table4.md").write_text(text)
     return text
