@@ -149,9 +149,9 @@ def table(tasks: list[str], workdir: Path, out: Path) -> str:
                          f"| {mb(d, 'peak_rss_bytes')} | {mb(r, 'peak_rss_bytes')} ({g(r, 'peak_rss_vs_dense', '{:.3f}')}) "
                          f"| {mb(d, 'compiled_bytes')} | {mb(r, 'compiled_bytes')} ({g(r, 'compiled_vs_dense', '{:.3f}')}) |")
     curves = [(task, v, metric_curve(d)) for task in tasks for v, d in run_dirs(workdir, task).items()
-              if len([p for p in (d / "checkpoints").iterdir() if p.name.isdigit()]) > 1]
+              if v == "dense" and len([p for p in (d / "checkpoints").iterdir() if p.name.isdigit()]) > 1]
     if curves:
-        lines += ["", "**The task metric during training (test split, each kept checkpoint)**", "",
+        lines += ["", "**The dense runs' task metric during training (test split, each kept checkpoint)**", "",
                   "| task | variant | " + " | ".join(f"step {s}" for s, _ in curves[0][2]) + " |",
                   "| --- | --- |" + " ---: |" * len(curves[0][2])]
         lines += [f"| {task} | {v} | " + " | ".join(f"{m:.2f}" for _, m in c) + " |" for task, v, c in curves]
