@@ -1,36 +1,78 @@
 #!/usr/bin/env bash
-# The attention benchmark on a CUDA GPU: bfloat16, 4K-64K tokens, cuDNN dense attention as the baseline.
+# The whole GPU measurement of the attention kernels, in one call, in order of importance:
 #
-#   benchmarks/gpu.sh OUT_DIR [extra `sparseformer bench` flags, e.g. --causal or --presets=dense,rsa]
+#   1. check   benchmarks/gpu_check.py: the compiled fused kernel against the scan kernel (outputs,
+#              log-sum-exps, gradients; bf16/f16/f32, causal, padding, GQA, row starts), the
+#              backward pass run twice bit for bit, and the kernel alone against cuDNN (TFLOP/s)
+#   2. bidir   sparseformer bench, bfloat16, B=1, H=8, D=64, 4K-64K: dense (cuDNN), dense_pallas
+#              (JAX's Pallas flash attention), rsa, rsa/exact (its exact part alone), nsa, bigbird, local
+#   3. causal  the same, causal, 4K/16K/64K: dense, dense_pallas, rsa, rsa/exact, nsa
+#   4. memory  peak device memory of a fresh process, fwd+bwd, dense and rsa, 4K/16K/64K
+#   5. breakdown  benchmarks/breakdown.py: where rsa's time goes (choice, exact kernel, compressed
+#              branch, the rest) at 4K/16K/64K, bidirectional, and causal at 16K
 #
-# Writes OUT_DIR/bench.json, bench.md and bench.png (and OUT_DIR/bench.log). Uses $PYTHON if set,
-# else .venv-gpu/ in the repository, created on first use with jax[cuda12] (nothing system-wide).
-# On a GPU the memory probe reports the device's peak bytes in use (`peak_device_bytes`), and a
-# case is skipped when XLA's compiled bytes exceed the device memory still free.
-set -euo pipefail
-OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR [bench flags]}
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]        (default: all five stages)
+#
+# Each stage writes OUT_DIR/STAGE/; everything is packed into OUT_DIR/results.tar.gz as it goes
+# (the device tool returns a few files only), with OUT_DIR/summary.txt beside it. Python: $PYTHON,
+# else python3 (on the lent GPU machine: its own JAX 0.11 with CUDA); the repository goes on
+# PYTHONPATH; pure-Python packages it lacks (ml_collections) are installed from .whl/ when present
+# (fetch them here with benchmarks/gpu_wheels.sh). About 9 minutes on an H200 (compiles included; an estimate: it has not run yet).
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR [check bidir causal memory breakdown]}
 shift
+STAGES=${*:-check bidir causal memory breakdown}
 cd "$(dirname "$0")/.."
-
-PY=${PYTHON:-}
-if [[ -z "$PY" ]]; then
-  if [[ ! -x .venv-gpu/bin/python ]]; then
-    python3 -m venv .venv-gpu
-    .venv-gpu/bin/pip install -q -e . "jax[cuda12]>=0.10.2,<0.11"
-  fi
-  PY=.venv-gpu/bin/python
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/sparseformer-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/sparseformer-site:${PYTHONPATH:-}
 fi
-
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 if ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.default_backend() == "gpu" else 1)'; then
-  echo "gpu.sh: JAX sees no GPU (backend $("$PY" -c 'import jax; print(jax.default_backend())'))" >&2
+  echo "gpu.sh: JAX sees no GPU" >&2
   exit 1
 fi
-"$PY" -c 'import jax; print(jax.devices())'
+"$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' | tee "$OUT/summary.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv >>"$OUT/summary.txt" 2>&1 || true
 
-mkdir -p "$OUT"
-PYTHONUNBUFFERED=1 "$PY" -m sparseformer bench \
-  --dtype=bfloat16 \
-  --lengths=4096,8192,16384,32768,65536 \
-  --dense-impl=cudnn \
-  --rss=all \
-  --out="$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+pack() { tar -czf "$OUT/results.tar.gz" -C "$OUT" --exclude=results.tar.gz . 2>/dev/null; }
+bench() {  # bench STAGE FLAGS...
+  local stage=$1; shift
+  mkdir -p "$OUT/$stage"
+  "$PY" -m sparseformer bench --dtype=bfloat16 --heads=8 --head-dim=64 --dense-impl=cudnn \
+    --out="$OUT/$stage" "$@" >"$OUT/$stage/bench.log" 2>&1
+  echo "== $stage: exit $?" | tee -a "$OUT/summary.txt"
+  sed -n '/## Targets/,/^$/p' "$OUT/$stage/bench.md" 2>/dev/null | tee -a "$OUT/summary.txt"
+  pack
+}
+
+for stage in $STAGES; do
+  SECONDS=0
+  case $stage in
+    check)
+      mkdir -p "$OUT/check"
+      "$PY" benchmarks/gpu_check.py "$OUT/check" 2>&1 | tee "$OUT/check/check.log" | tail -8 | tee -a "$OUT/summary.txt"
+      cp "$OUT/check/check.json" "$OUT/check.json" 2>/dev/null
+      pack ;;
+    bidir)
+      bench bidir --presets=dense,dense_pallas,rsa,rsa/exact,nsa,bigbird,local \
+        --lengths=4096,8192,16384,32768,65536 --rss=none --repeats=5 ;;
+    causal)
+      bench causal --causal --presets=dense,dense_pallas,rsa,rsa/exact,nsa \
+        --lengths=4096,16384,65536 --rss=none --repeats=5 ;;
+    memory)
+      bench memory --presets=dense,rsa --passes=fwd_bwd --lengths=4096,16384,65536 --rss=all \
+        --no-fidelity --repeats=1 --warmup=0 ;;
+    breakdown)
+      mkdir -p "$OUT/breakdown"
+      { "$PY" benchmarks/breakdown.py "$OUT/breakdown" --lengths=4096,16384,65536 &&
+        "$PY" benchmarks/breakdown.py "$OUT/breakdown/causal" --lengths=16384 --causal; } 2>&1 |
+        tee "$OUT/breakdown/breakdown.log" | grep "^T=" | tee -a "$OUT/summary.txt"
+      pack ;;
+    *) echo "gpu.sh: unknown stage $stage (check, bidir, causal, memory, breakdown)" >&2; exit 2 ;;
+  esac
+  echo "   ($stage took ${SECONDS}s)" | tee -a "$OUT/summary.txt"
+done
+pack

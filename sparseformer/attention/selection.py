@@ -28,6 +28,11 @@ from sparseformer.attention.registry import ESTIMATORS
 NEG_INF = -jnp.inf
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["idx", "valid", "qids", "row_start"],
+    meta_fields=["block_size", "num_key_blocks", "group"],
+)
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """The chosen key blocks of each query block: the contract between choosing and computing.
@@ -35,7 +40,7 @@ class Selection:
     Every exact kernel (`masked`, `scan`, `pallas`) consumes exactly this. With grouped-query
     attention the query heads of one key/value head share their choice (`group` heads in a row
     hold equal `idx`, `valid` and `row_start`), so a fused kernel loads a key block once for the
-    whole group.
+    whole group. A pytree: it passes through `jax.jit` and `lax` control flow.
     """
 
     idx: jax.Array  # [B, H, n, K] int32 key-block index per slot

@@ -170,3 +170,22 @@ def test_choice_for_groups_reaches_the_kernel_once_per_group():
                         rng=jax.random.key(0), group=2)
     assert sel.group == 2
     np.testing.assert_array_equal(np.asarray(sel.idx[:, ::2]), np.asarray(sel.idx[:, 1::2]))
+
+
+@pytest.mark.parametrize("name", ["local", "bigbird", "longformer", "scatterbrain", "nsa", "rsa"])
+def test_every_selecting_preset_runs_on_the_fused_kernel(name):
+    """The presets reach the fused kernel through the same `Selection` (forward, padded keys)."""
+    q, k, v = random_qkv(jax.random.key(6), T=128, D=16)
+    mask = jnp.ones((2, 128), bool).at[1, 100:].set(False)
+    outs = {}
+    for kernel in ("pallas", "masked"):
+        c = presets.get(name)
+        c.selection.update(block_size=16, kernel=kernel)
+        c.selection.update(window=min(c.selection.window, 1), top_k=min(c.selection.top_k, 1),
+                           global_blocks=min(c.selection.global_blocks, 1),
+                           random_blocks=min(c.selection.random_blocks, 1))
+        c.compression.rank = 16
+        params = init_params(c, jax.random.key(7), num_heads=2, head_dim=16, max_len=128)
+        outs[kernel] = jax.jit(lambda q, k, v, c=c, params=params: attend(
+            q, k, v, c, params=params, kv_mask=mask, rng=jax.random.key(1))[0])(q, k, v)
+    assert rel_error(outs["pallas"], outs["masked"]) < 1e-5

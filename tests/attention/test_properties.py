@@ -166,18 +166,30 @@ def test_bound_estimator_finds_a_planted_needle_that_pooled_misses():
     assert picks["pooled"] != needle
 
 
+def _compiled_bytes(f, length):
+    """XLA's compiled memory (temp + output) of forward+backward at B=1, T=S=length, H=4, D=64
+    (compiled, not run)."""
+    shape = jax.ShapeDtypeStruct((1, length, 4, 64), jnp.float32)
+    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+    m = g.lower(shape, shape, shape).compile().memory_analysis()
+    return m.temp_size_in_bytes + m.output_size_in_bytes
+
+
+def _rsa(q, k, v):
+    return attend(q, k, v, presets.get("rsa"), rng=jax.random.key(0))[0]
+
+
 def test_rsa_forward_backward_compiled_memory_is_at_most_a_sixteenth_of_dense():
-    """XLA's compiled memory (temp + output) at B=1, T=S=8192, H=4, D=64 (compiled, not run)."""
-    shape = jax.ShapeDtypeStruct((1, 8192, 4, 64), jnp.float32)
-
-    def compiled_bytes(f):
-        g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
-        m = g.lower(shape, shape, shape).compile().memory_analysis()
-        return m.temp_size_in_bytes + m.output_size_in_bytes
-
-    dense = compiled_bytes(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
-    rsa = compiled_bytes(lambda q, k, v: attend(q, k, v, presets.get("rsa"))[0])
+    dense = _compiled_bytes(lambda q, k, v: jax.nn.dot_product_attention(q, k, v), 8192)
+    rsa = _compiled_bytes(_rsa, 8192)
     assert rsa * 16 <= dense, f"rsa {rsa / 1e6:.0f} MB vs dense {dense / 1e6:.0f} MB"
+
+
+def test_rsa_forward_backward_compiled_memory_grows_linearly():
+    """The estimate and the pooled branch are chunked: nothing `T x S/b` is kept, so 4x the length
+    costs about 4x the memory (it was 10.5x from 16K to 64K when both held such tensors)."""
+    small, large = _compiled_bytes(_rsa, 8192), _compiled_bytes(_rsa, 32768)
+    assert large <= 4.5 * small, f"{small / 1e6:.0f} MB at 8K, {large / 1e6:.0f} MB at 32K"
 
 
 def test_fidelity_is_positive_when_approximate_and_the_regulariser_has_gradients():
