@@ -161,14 +161,16 @@ def run_benchmark(workdirs: Sequence[str], *, lengths: Sequence[int] = (), batch
                   progress: Any = print) -> dict[str, Any]:
     """The benchmark (see the module docstring) as a JSON-able dict."""
     models = {w: model_lib.trained_model(w) for w in workdirs}
-    task_len = sorted({int(m.config.model.max_len) for m in models.values()})
-    all_lengths = sorted({*task_len, *(int(x) for x in lengths)})
+    extra = {int(x) for x in lengths}
+    all_lengths = sorted({*(int(m.config.model.max_len) for m in models.values()), *extra})
     available = measure.available_memory_bytes()
     results: list[dict[str, Any]] = []
     for length in all_lengths:
         group = []
         for w, trained in models.items():
             own = length == int(trained.config.model.max_len)
+            if not own and length not in extra:  # another run's task length: not asked for this one
+                continue
             try:
                 sized = model_lib.sized_config(trained.config, length)
             except ValueError as e:
@@ -179,6 +181,8 @@ def run_benchmark(workdirs: Sequence[str], *, lengths: Sequence[int] = (), batch
             cases = _cases(m, length, batch_sizes, available)
             progress(f"  {w} at {length}: compiled {len(cases)} programs in {time.perf_counter() - t0:.1f} s")
             group.append((w, m, own, cases))
+        if not group:
+            continue
         _time_rounds([c for *_, cases in group for c in cases], warmup=warmup, repeats=repeats)
         for w, m, own, cases in group:
             rec = _record(w, m, length, own, cases)
