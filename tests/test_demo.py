@@ -16,3 +16,19 @@ def test_steps_flag_overrides_both_tasks_and_tiny_keeps_its_own():
     flags = [f.removeprefix("--set=") for f in _step_settings(50, "small")]
     assert {parse_settings(flags, t)["num_train_steps"] for t in DEMO_STEPS} == {50}
     assert _step_settings(None, "tiny") == []
+
+
+def test_step_three_trains_dense_and_rsa_as_table_four_does(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from sparseformer.demo import INFERENCE_OVERRIDES, train_commands
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
+    import table4_inference
+
+    cmds = train_commands("small", tmp_path)
+    assert set(cmds) == {"dense", "rsa"}
+    assert cmds["rsa"][4] == "--config=configs/retrieval.py:attention=rsa,scale=small"
+    assert table4_inference.TASKS["retrieval_1k"][2] == INFERENCE_OVERRIDES
+    assert f"--config.data.max_len={INFERENCE_OVERRIDES['data.max_len']}" in cmds["dense"]

@@ -77,6 +77,10 @@ def options_from_args(args: argparse.Namespace) -> "BenchOptions":  # noqa: F821
 
 def bench_main(argv: list[str]) -> int:
     """Parse flags, run the benchmark, write the three files; 1 if any case failed, 2 on bad flags."""
+    if any(a == "--model" or a.startswith("--model=") for a in argv):  # trained models: sparseformer.infer.bench
+        from sparseformer.infer.bench import bench_models_main
+
+        return bench_models_main(argv)
     args = _parser().parse_args(argv)
     from sparseformer.bench import methods, report, runner
 

@@ -154,6 +154,29 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def peak_memory_of(run: Callable[[], Any]) -> dict[str, Any]:
+    """The peak memory of one call of `run()` (already compiled, its inputs built), in this process.
+
+    On a GPU: the device's peak bytes in use. On CPU: the peak resident memory during the call minus
+    the resident memory just before it (`VmHWM` after `clear_refs`), or, where that counter cannot be
+    reset, the growth of the lifetime peak (compilation may then hide part of the call's peak).
+    `run` must block until its outputs are ready.
+    """
+    gc.collect()
+    if jax.default_backend() == "gpu":
+        run()
+        stats = jax.devices()[0].memory_stats() or {}
+        return {"peak_rss_bytes": None, "peak_device_bytes": int(stats.get("peak_bytes_in_use", 0)), "how": "device peak"}
+    if _reset_peak_rss() and (base := _status_bytes("VmRSS")) is not None:
+        run()
+        peak = _status_bytes("VmHWM") or base
+        return {"peak_rss_bytes": peak - base, "baseline_rss_bytes": base, "how": "VmHWM after clear_refs"}
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss_bytes": peak - base, "baseline_rss_bytes": base, "how": "ru_maxrss growth"}
+
+
 def probe_in_process(name: str, shape: methods.Shape, pass_name: str, *, dense_impl: str = "auto") -> dict[str, Any]:
     """Run one case once in this process; report its peak memory growth (see the module docstring)."""
     method = methods.build(name, shape, dense_impl=dense_impl)
@@ -161,20 +184,7 @@ def probe_in_process(name: str, shape: methods.Shape, pass_name: str, *, dense_i
     args = case_arguments(method, pass_name, q, k, v)
     compiled, _, _ = compile_pass(method, pass_name, args)
     jax.block_until_ready(args)
-    gc.collect()
-    if jax.default_backend() == "gpu":
-        run_blocked(compiled, args)
-        stats = jax.devices()[0].memory_stats() or {}
-        return {"peak_rss_bytes": None, "peak_device_bytes": int(stats.get("peak_bytes_in_use", 0)), "how": "device peak"}
-    if _reset_peak_rss() and (base := _status_bytes("VmRSS")) is not None:
-        run_blocked(compiled, args)
-        peak = _status_bytes("VmHWM") or base
-        return {"peak_rss_bytes": peak - base, "baseline_rss_bytes": base, "how": "VmHWM after clear_refs"}
-    # No resettable counter: growth of the lifetime peak (compilation may hide part of the run's peak).
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run_blocked(compiled, args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_rss_bytes": peak - base, "baseline_rss_bytes": base, "how": "ru_maxrss growth"}
+    return peak_memory_of(lambda: run_blocked(compiled, args))
 
 
 def probe_fresh_process(

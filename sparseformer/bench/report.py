@@ -294,16 +294,22 @@ def write_json(bench: dict[str, Any], out_dir: str) -> str:
     return path
 
 
-def write(bench: dict[str, Any], out_dir: str, *, command: str | None = None) -> dict[str, str]:
-    """Write `bench.json`, `bench.md` and `bench.png` under `out_dir`; returns their paths."""
+def write_files(bench: dict[str, Any], out_dir: str, stem: str, markdown_fn: Callable[..., str],
+                plot_fn: Callable[[dict[str, Any], str], None], *, command: str | None = None) -> dict[str, str]:
+    """Write `STEM.json`, `STEM.md` (`markdown_fn(bench, command=...)`) and `STEM.png` (`plot_fn`)."""
     os.makedirs(out_dir, exist_ok=True)
-    add_ratios(bench["results"])
     if command:
         bench["command"] = command
-    paths = {ext: os.path.join(out_dir, f"bench.{ext}") for ext in ("json", "md", "png")}
+    paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
     with open(paths["json"], "w") as f:
         json.dump(_json_safe(bench), f, indent=1)
     with open(paths["md"], "w") as f:
-        f.write(markdown(bench, command=command))
-    plot(bench, paths["png"])
+        f.write(markdown_fn(bench, command=command))
+    plot_fn(bench, paths["png"])
     return paths
+
+
+def write(bench: dict[str, Any], out_dir: str, *, command: str | None = None) -> dict[str, str]:
+    """Write `bench.json`, `bench.md` and `bench.png` under `out_dir`; returns their paths."""
+    add_ratios(bench["results"])
+    return write_files(bench, out_dir, "bench", markdown, plot, command=command)

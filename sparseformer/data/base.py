@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import ml_collections
 import numpy as np
 
+from sparseformer.data import text_codec
+
 SCALES: tuple[str, ...] = ("tiny", "small", "paper")
 KINDS: tuple[str, ...] = ("classifier", "dual_encoder", "seq2seq", "lm")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -78,6 +80,7 @@ class Task(abc.ABC):
     pad_id: ClassVar[int] = PAD_ID
     bos_id: ClassVar[int] = BOS_ID
     eos_id: ClassVar[int] = EOS_ID
+    prompt_prefix: ClassVar[tuple[int, ...]] = ()  # ids a language model's sequences start with (lm1b: BOS)
 
     @property
     def metric(self) -> str:
@@ -108,6 +111,15 @@ class Task(abc.ABC):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Token ids -> detokenized text, stopping at the first `eos_id` and skipping padding."""
         raise NotImplementedError(f"task {self.name!r} has no text decoding")
+
+    def codec(self, config: ml_collections.ConfigDict) -> "text_codec.Codec":
+        """The text form of this task's inputs and outputs (`sparseformer.data.text_codec`): raw text
+        -> the ids its data gives the model (no padding, no EOS), and back. For `predict` and `export`."""
+        raise NotImplementedError(f"task {self.name!r} has no text form of its inputs (e.g. images)")
+
+    def label_names(self, config: ml_collections.ConfigDict) -> list[str] | None:
+        """Names of a classifier's classes, in class order; None: predictions are the class index."""
+        return None
 
     # --- shared -------------------------------------------------------------------------------
     def pipeline(

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sparseformer.data.base import (
+    BOS_ID,
     EOS_ID,
     NUM_SPECIAL,
     Example,
@@ -31,6 +32,7 @@ from sparseformer.data.base import (
     register_task,
     resolve_data_dir,
 )
+from sparseformer.data.text_codec import ByteCodec, SentencePieceCodec
 
 BYTE_VOCAB_SIZE = NUM_SPECIAL + 256  # byte b is token b + NUM_SPECIAL
 
@@ -142,6 +144,9 @@ class Text(CatalogTask):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return decode_bytes(ids)
 
+    def codec(self, config: ml_collections.ConfigDict) -> ByteCodec:
+        return ByteCodec(offset=NUM_SPECIAL)
+
 
 @register_task
 class Image(CatalogTask):
@@ -176,6 +181,7 @@ class LM1B(CatalogTask):
     metrics = ("perplexity",)  # per byte
     description = "One Billion Word sentences, byte-level causal language model"
     tfds_name = "lm1b"
+    prompt_prefix = (BOS_ID,)  # every sequence starts with BOS
     split_map = {"train": "train", "validation": "test", "test": "test"}
 
     def default_data_config(self, scale: str) -> ml_collections.ConfigDict:
@@ -194,6 +200,9 @@ class LM1B(CatalogTask):
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return decode_bytes([i for i in np.asarray(ids).tolist() if i != self.bos_id])
+
+    def codec(self, config: ml_collections.ConfigDict) -> ByteCodec:
+        return ByteCodec(offset=NUM_SPECIAL)
 
 
 @register_task
@@ -240,6 +249,7 @@ class Translate(CatalogTask):
             train = catalog_source(self.tfds_name, "train", data_dir, self.tfds_module)
             train_sentencepiece(train, ("de", "en"), path, int(data.spm_vocab_size), int(data.spm_max_corpus_chars))
         self._spm = spm.SentencePieceProcessor(model_file=path)
+        self._spm_path = path
         return self._spm
 
     def source(self, config: ml_collections.ConfigDict, split: str) -> Source:
@@ -256,6 +266,11 @@ class Translate(CatalogTask):
         from sparseformer.data.copying import encode_pair
 
         return encode_pair(np.asarray(source, np.int32), np.asarray(target, np.int32), data)
+
+    def codec(self, config: ml_collections.ConfigDict) -> SentencePieceCodec:
+        """The SentencePiece model of this data config (trained first if missing, as `tokenizer`)."""
+        self.tokenizer(config)
+        return SentencePieceCodec(self._spm_path)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         if self._spm is None:

@@ -12,11 +12,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from sparseformer.data.base import EOS_ID, NUM_SPECIAL, Example, data_config, ids_until_eos, pad_to, register_task
+from sparseformer.data.base import EOS_ID, NUM_SPECIAL, Example, data_config, pad_to, register_task
+from sparseformer.data.text_codec import WordCodec
 from sparseformer.data.builtin import BuiltinBuilder, BuiltinTask, default_builder_configs, int_sequence, split_sizes
 
 NUM_SYMBOLS = 32
 VOCAB_SIZE = NUM_SPECIAL + NUM_SYMBOLS
+CODEC = WordCodec([f"s{i}" for i in range(NUM_SYMBOLS)], offset=NUM_SPECIAL, name="copy")  # symbol i is `s<i>`
 
 
 def generate(num_examples: int, seed: int | Sequence[int], min_len: int, max_len: int) -> list[np.ndarray]:
@@ -86,7 +88,10 @@ class Copy(BuiltinTask):
         return encode_pair(example["inputs"], example["inputs"], data)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return " ".join(f"s{i - NUM_SPECIAL}" for i in ids_until_eos(ids))
+        return CODEC.decode(ids)
+
+    def codec(self, config: ml_collections.ConfigDict) -> WordCodec:
+        return CODEC
 
 
 SparseformerCopy.BUILDER_CONFIGS = default_builder_configs(Copy)

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sparseformer.data.base import NUM_SPECIAL, Example, data_config, ids_until_eos, pad_to, register_task
+from sparseformer.data.base import NUM_SPECIAL, Example, data_config, pad_to, register_task
+from sparseformer.data.text_codec import WordCodec
 from sparseformer.data.rng import Uniform
 from sparseformer.data.builtin import (
     BuiltinBuilder,
@@ -138,20 +139,16 @@ def generate(
     return out
 
 
+CODEC = WordCodec(TOKENS, offset=NUM_SPECIAL, skip=("(", ")"), name="listops")
+
+
 def tokenize(text: str) -> list[int]:
     """Text form -> model token ids (parentheses dropped). Unknown tokens raise `ValueError`."""
-    ids = []
-    for tok in text.split():
-        if tok in ("(", ")"):
-            continue
-        if tok not in TOKEN_IDS:
-            raise ValueError(f"listops: unknown token {tok!r}; known tokens: {' '.join(TOKENS)} ( )")
-        ids.append(TOKEN_IDS[tok])
-    return ids
+    return CODEC.encode(text)
 
 
 def detokenize(ids: Sequence[int] | np.ndarray) -> str:
-    return " ".join(TOKENS[i - NUM_SPECIAL] for i in ids_until_eos(ids))
+    return CODEC.decode(ids)
 
 
 class SparseformerListops(BuiltinBuilder):
@@ -216,6 +213,9 @@ class ListOps(BuiltinTask):
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return detokenize(ids)
+
+    def codec(self, config: ml_collections.ConfigDict) -> WordCodec:
+        return CODEC
 
 
 SparseformerListops.BUILDER_CONFIGS = default_builder_configs(ListOps)

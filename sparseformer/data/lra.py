@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 
 from sparseformer.data import listops
-from sparseformer.data.base import Example, Source, Task, check_choice, data_config, pad_to, register_task
+from sparseformer.data.base import NUM_SPECIAL, Example, Source, Task, check_choice, data_config, pad_to, register_task
 from sparseformer.data.catalog import BYTE_VOCAB_SIZE, decode_bytes, grayscale_tokens, text_bytes
+from sparseformer.data.text_codec import ByteCodec
 
 _LRA_DIR_HELP = "config.data.lra_dir: the directory of the Long Range Arena release files for task {task!r}"
 
@@ -99,6 +100,9 @@ class LRAListOps(LRATask):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return listops.detokenize(ids)
 
+    def codec(self, config: ml_collections.ConfigDict) -> Any:
+        return listops.CODEC
+
 
 @register_task
 class LRARetrieval(LRATask):
@@ -133,6 +137,9 @@ class LRARetrieval(LRATask):
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return decode_bytes(ids)
+
+    def codec(self, config: ml_collections.ConfigDict) -> Any:
+        return ByteCodec(offset=NUM_SPECIAL)
 
 
 @register_task

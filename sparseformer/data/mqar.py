@@ -16,11 +16,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from sparseformer.data.base import NUM_SPECIAL, Example, data_config, ids_until_eos, register_task
+from sparseformer.data.base import NUM_SPECIAL, Example, data_config, register_task
+from sparseformer.data.text_codec import WordCodec
 from sparseformer.data.builtin import BuiltinBuilder, BuiltinTask, default_builder_configs, int_sequence, split_sizes
 
 MAX_TOKENS = 8192  # the largest token range any scale uses (Zoology's vocabulary)
 VOCAB_SIZE = NUM_SPECIAL + MAX_TOKENS
+CODEC = WordCodec([str(i) for i in range(MAX_TOKENS)], offset=NUM_SPECIAL, name="mqar")  # token i is written `i`
 
 
 def generate(
@@ -139,7 +141,10 @@ class MQAR(BuiltinTask):
         }
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return " ".join(str(i - NUM_SPECIAL) for i in ids_until_eos(ids))
+        return CODEC.decode(ids)
+
+    def codec(self, config: ml_collections.ConfigDict) -> WordCodec:
+        return CODEC
 
 
 SparseformerMqar.BUILDER_CONFIGS = default_builder_configs(MQAR)

@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sparseformer.data.base import NUM_SPECIAL, Example, check_choice, data_config, ids_until_eos, pad_to, register_task
+from sparseformer.data.base import NUM_SPECIAL, Example, check_choice, data_config, pad_to, register_task
+from sparseformer.data.text_codec import WordCodec
 from sparseformer.data.builtin import BuiltinBuilder, BuiltinTask, default_builder_configs, int_sequence, split_sizes
 
 NUM_KEYS = 16  # the most keys (config.data.num_keys)
@@ -41,6 +42,12 @@ KEY0 = FILLER0 + NUM_FILLERS
 VALUE0 = KEY0 + NUM_KEYS
 FUSED0 = VALUE0 + NUM_VALUES  # fused pair token of (key k, value v): FUSED0 + k * NUM_VALUES + v
 VOCAB_SIZE = FUSED0 + NUM_KEYS * NUM_VALUES
+# The text form: `?` the query, `_` (and `_1` ... `_31`) the fillers, `k3` a key, `v5` a value, `k3:v5` a fused pair.
+CODEC = WordCodec(
+    ["?", "_"] + [f"_{i}" for i in range(1, NUM_FILLERS)] + [f"k{i}" for i in range(NUM_KEYS)]
+    + [f"v{i}" for i in range(NUM_VALUES)] + [f"k{k}:v{v}" for k in range(NUM_KEYS) for v in range(NUM_VALUES)],
+    offset=QUERY_ID, name="retrieval",
+)
 
 
 def generate(
@@ -152,20 +159,10 @@ class Retrieval(BuiltinTask):
         return {"inputs": inputs, "inputs_mask": mask, "labels": np.int32(example["label"])}
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        words = []
-        for i in ids_until_eos(ids):
-            if i == QUERY_ID:
-                words.append("?")
-            elif i < KEY0:
-                words.append("_")
-            elif i < VALUE0:
-                words.append(f"k{i - KEY0}")
-            elif i < FUSED0:
-                words.append(f"v{i - VALUE0}")
-            else:
-                k, v = divmod(i - FUSED0, NUM_VALUES)
-                words.append(f"k{k}:v{v}")
-        return " ".join(words)
+        return CODEC.decode(ids)
+
+    def codec(self, config: ml_collections.ConfigDict) -> WordCodec:
+        return CODEC
 
 
 SparseformerRetrieval.BUILDER_CONFIGS = default_builder_configs(Retrieval)

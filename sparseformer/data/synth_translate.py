@@ -20,10 +20,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from sparseformer.data.base import NUM_SPECIAL, Example, data_config, ids_until_eos, register_task
+from sparseformer.data.base import NUM_SPECIAL, Example, data_config, register_task
 from sparseformer.data.builtin import BuiltinBuilder, BuiltinTask, default_builder_configs, int_sequence, split_sizes
 from sparseformer.data.copying import encode_pair
 from sparseformer.data.rng import Uniform
+from sparseformer.data.text_codec import WordCodec
 
 _LEXICON_SEED = 20240531  # fixed: the languages never change, only the sentences
 _CATEGORIES = {"noun": 48, "verb": 24, "adj": 24, "prep": 8}
@@ -63,6 +64,12 @@ def vocabulary() -> tuple[str, ...]:
     for c in _CATEGORIES:
         words += src[c] + tgt[c]
     return tuple(words)
+
+
+@functools.cache
+def codec() -> WordCodec:
+    """Both languages' words (sources and targets share one vocabulary)."""
+    return WordCodec(vocabulary(), offset=NUM_SPECIAL, name="synth_translate")
 
 
 @functools.cache
@@ -194,8 +201,10 @@ class SynthTranslate(BuiltinTask):
         return encode_pair(example["inputs"], example["targets"], data)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        vocab = vocabulary()
-        return " ".join(vocab[i - NUM_SPECIAL] for i in ids_until_eos(ids) if i >= NUM_SPECIAL)
+        return codec().decode(ids)
+
+    def codec(self, config: ml_collections.ConfigDict | None = None) -> WordCodec:
+        return codec()
 
 
 SparseformerSynthTranslate.BUILDER_CONFIGS = default_builder_configs(SynthTranslate)

@@ -213,6 +213,20 @@ class MultiHeadAttention(nnx.Module):
                                          causal=True, query_block=t // self.multiple)
         return self._out(jax.lax.dynamic_slice_in_dim(y_BmHD, t % self.multiple, 1, axis=1)), new
 
+    def prefill_self(self, x_BLE: jax.Array, length: int) -> tuple[jax.Array, Cache]:
+        """Causal self-attention over a whole prompt (`L <= length` positions) at once, and the cache
+        of `length` positions it leaves (the prompt's queries, keys and values at `0..L-1`).
+
+        Causal attention at a position depends only on the positions before it, so the outputs and
+        the cache equal those of feeding the prompt one position at a time through `decode_self`.
+        """
+        proj = {name: self._proj(x_BLE, w) for name, w in (("q", self.q), ("k", self.k), ("v", self.v))}
+        y, _ = attention_lib.attend(proj["q"], proj["k"], proj["v"], self.attn, params=self._params(), causal=True)
+        cache = self.init_cache(x_BLE.shape[0], length)
+        cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], proj[name].astype(cache[name].dtype), 0, 1)
+                 for name in cache}
+        return self._out(y), cache
+
     def cross_cache(self, kv_BSE: jax.Array, batch: int, length: int) -> Cache:
         """Keys and values of the encoder output, and an empty query cache (decoder length)."""
         return {"q": jnp.zeros((batch, length, self.num_heads, self.head_dim), self.dtype),
@@ -269,6 +283,12 @@ class Block(nnx.Module):
             cache["cross"] = self.cross_attn.cross_cache(enc_BSE, batch, length)
         return cache
 
+    def prefill(self, x_BLE: jax.Array, length: int) -> tuple[jax.Array, dict[str, Cache]]:
+        """A causal prompt through the block at once (no cross-attention, no dropout), and its cache."""
+        y, self_cache = self.self_attn.prefill_self(self.norm1(x_BLE), length)
+        x_BLE = x_BLE + y
+        return x_BLE + self.mlp(self.norm2(x_BLE), rng=None), {"self": self_cache}
+
     def decode(self, x_B1E: jax.Array, cache: dict[str, Cache], t: jax.Array,
                enc_mask_BS: jax.Array | None = None) -> tuple[jax.Array, dict[str, Cache]]:
         """One decoding position through the block (no dropout)."""
@@ -313,6 +333,16 @@ class Stack(nnx.Module):
 
     def init_cache(self, batch: int, length: int, enc_BSE: jax.Array | None = None) -> list[dict[str, Cache]]:
         return [block.init_cache(batch, length, enc_BSE) for block in self.blocks]
+
+    def prefill(self, ids_BL: jax.Array, length: int) -> tuple[jax.Array, list[dict[str, Cache]]]:
+        """A causal prompt through the stack at once: the normalised `[B, L, E]` output and caches of
+        `length` positions (decoder-only stacks)."""
+        x = self.embed_tokens(ids_BL)
+        caches = []
+        for block in self.blocks:
+            x, c = block.prefill(x, length)
+            caches.append(c)
+        return self.norm(x), caches
 
     def decode(self, ids_B: jax.Array, cache: list[dict[str, Cache]], t: jax.Array,
                enc_mask_BS: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, Cache]]]:

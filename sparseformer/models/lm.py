@@ -45,6 +45,13 @@ class DecoderLM(nnx.Module):
         x_BE, cache = self.stack.decode(ids_B, cache, t)
         return self.head(x_BE).astype(jnp.float32), cache
 
+    def prefill(self, ids_BL: jax.Array) -> tuple[jax.Array, list[dict[str, Cache]]]:
+        """A prompt at once: the logits `[B, L, V]` at every position and the cache (`max_len`
+        positions) that `decode_step` continues from position `L`; the same as feeding the prompt
+        through `decode_step` one position at a time, in one pass."""
+        x_BLE, cache = self.stack.prefill(ids_BL, self.max_len)
+        return self.head(x_BLE).astype(jnp.float32), cache
+
     def decode_logits(self, ids_BL: jax.Array) -> jax.Array:
         """All positions one at a time through the cache (what generation does): `[B, L, V]`."""
         B, L = ids_BL.shape

@@ -78,19 +78,28 @@ class EncoderDecoder(nnx.Module):
         return jax.nn.log_softmax(self.head(x_NE).astype(jnp.float32)), cache
 
     def greedy(self, inputs_BL: jax.Array, mask_BL: jax.Array) -> jax.Array:
-        """Greedy decoding: `[B, Lt]` ids, padding (0) after the first EOS."""
+        """Greedy decoding: `[B, Lt]` ids, padding (0) after the first EOS.
+
+        The loop stops as soon as every row has emitted EOS (the remaining steps would only
+        write padding), so a batch of short outputs costs its longest output, not `Lt` steps.
+        """
         B, T = inputs_BL.shape[0], self.max_target_len
         cache, mask = self._start(inputs_BL, mask_BL, 1)
 
-        def step(t, carry):
-            out, prev, done, cache = carry
+        def step(carry):
+            t, out, prev, done, cache = carry
             logp, cache = self._step(prev, cache, t, mask)
             tok = jnp.where(done, 0, jnp.argmax(logp, -1).astype(jnp.int32))
             out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, 1)
-            return out, tok, done | (tok == self.eos_id), cache
+            return t + 1, out, tok, done | (tok == self.eos_id), cache
 
-        init = (jnp.zeros((B, T), jnp.int32), jnp.full((B,), self.bos_id, jnp.int32), jnp.zeros((B,), bool), cache)
-        return jax.lax.fori_loop(0, T, step, init)[0]
+        def running(carry):
+            t, done = carry[0], carry[3]
+            return (t < T) & ~jnp.all(done)
+
+        init = (jnp.zeros((), jnp.int32), jnp.zeros((B, T), jnp.int32), jnp.full((B,), self.bos_id, jnp.int32),
+                jnp.zeros((B,), bool), cache)
+        return jax.lax.while_loop(running, step, init)[1]
 
     def beam_search(self, inputs_BL: jax.Array, mask_BL: jax.Array, beam_size: int | None = None,
                     alpha: float | None = None) -> jax.Array:

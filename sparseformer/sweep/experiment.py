@@ -63,6 +63,7 @@ def parser(exp: Experiment) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override added to every run (repeatable), e.g. --set=num_train_steps=200; "
                         "TASK:KEY=VALUE for one task's runs only, e.g. --set=listops:num_train_steps=150")
+    p.add_argument("--only", default="", help="comma-separated run labels to keep (e.g. dense,local,rsa); default all")
     p.add_argument("--dry_run", action="store_true", help="print the runs; run nothing, write nothing")
     p.add_argument("--table_only", action="store_true", help="skip the sweep: tabulate what is in WORKDIR")
     return p
@@ -110,6 +111,9 @@ def main(exp: Experiment, argv: Sequence[str] | None = None, *,
                 print(f"{task}: {e}", file=sys.stderr)
                 return 2
             runs = [dataclasses.replace(r, overrides={**r.overrides, **extra}) for r in runs]
+            if args.only:
+                keep = set(args.only.split(","))
+                runs = [r for r in runs if r.label in keep]
             if args.dry_run:
                 print(launch.describe(runs, workdir / task))
                 continue

@@ -76,28 +76,41 @@ def plot_tradeoff(records: Sequence[Record], path: str | Path, *, reference: str
     tasks = sorted({r.task for r in records})
     if not tasks:
         raise ValueError("no finished runs to plot")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+    # Labels are long ("selection + compression + correction, no regulariser") and points close: each
+    # configuration gets a colour and a number, shown beside its point, and one legend below the panels
+    # names them, so nothing is written over anything else.
+    panels = {task: tradeoff_points(records, task, reference) for task in tasks}
+    labels = list(dict.fromkeys(p.label for points, _, _ in panels.values() for p in points))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    color = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    number = {label: i + 1 for i, label in enumerate(labels)}
+    rows = max(1, math.ceil(len(labels) / 3))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2 + 0.28 * rows), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        points, xtitle, ytitle = tradeoff_points(records, task, reference)
+        points, xtitle, ytitle = panels[task]
         ax.set_title(task)
         if not points:
             ax.text(0.5, 0.5, "no task metric", ha="center", transform=ax.transAxes)
             continue
         err = lambda s: 0.0 if math.isnan(s.std) else s.std  # noqa: E731
         for p in points:
-            ax.errorbar(p.x.mean, p.y.mean, xerr=err(p.x), yerr=err(p.y), fmt="o", capsize=3)
-            ax.annotate(p.label, (p.x.mean, p.y.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.errorbar(p.x.mean, p.y.mean, xerr=err(p.x), yerr=err(p.y), fmt="o", capsize=3, color=color[p.label])
+            ax.annotate(str(number[p.label]), (p.x.mean, p.y.mean), textcoords="offset points", xytext=(4, 3),
+                        fontsize=8, color=color[p.label], fontweight="bold")
         metric = ytitle.split(" ")[0]
         front = pareto_front([(p.x.mean, p.y.mean) for p in points],
                              maximize=(True, MAIN_METRICS.get(metric) != LOWER))
-        ax.plot([points[i].x.mean for i in front], [points[i].y.mean for i in front], "--", color="gray",
-                label="Pareto front")
+        ax.plot([points[i].x.mean for i in front], [points[i].y.mean for i in front], "--", color="gray")
         ax.set_xlabel(xtitle)
         ax.set_ylabel(ytitle)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+    from matplotlib.lines import Line2D  # noqa: PLC0415
+
+    handles = [Line2D([], [], marker="o", ls="", color=color[lb], label=f"{number[lb]}  {lb}") for lb in labels]
+    handles.append(Line2D([], [], ls="--", color="gray", label="Pareto front"))
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07 * rows / (1 + 0.07 * rows) + 0.02, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

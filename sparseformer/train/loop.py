@@ -210,6 +210,33 @@ def _restore_latest(rt: "_Runtime", workdir: Path):
     finally:
         ckpt.close()
 
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """The parameters of a run's latest checkpoint, ready for `nnx.merge(graphdef, params, extra)`."""
+
+    config: ml_collections.ConfigDict
+    graphdef: nnx.GraphDef
+    params: Any  # pure dict
+    extra: Any  # pure dict (the model's non-parameter variables; often empty)
+    step: int
+
+
+def restore_trained(workdir: str | Path, *, devices: Sequence[jax.Device] | None = None) -> TrainedModel:
+    """The latest readable checkpoint of a run directory, on one device (default the first) for
+    inference; raises `FileNotFoundError` naming the directory when there is none."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
+    config = load_config(workdir)
+    mesh = sharding_lib.make_mesh(1, 1, list(devices or jax.devices()[:1]))
+    rt = _Runtime(config, default_components(config), mesh)
+    found = _restore_latest(rt, workdir)
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+    state = found[1]
+    return TrainedModel(config, rt.plan.graphdef, state["params"], state["extra"], int(found[0]))
+
+
 def _restore_teacher(config: ml_collections.ConfigDict, comps: Components, mesh: jax.sharding.Mesh) -> tuple[Any, Any, Any]:
     """`(graphdef, (params, extra), shardings)` of the teacher's latest checkpoint."""
     tdir = Path(config.distill.teacher_workdir)

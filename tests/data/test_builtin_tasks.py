@@ -301,3 +301,18 @@ def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match=r"split: 'dev'"):
         get_task("copy").pipeline(config, "dev", seed=0)
     assert data_lib.task_names()[:5] == BUILTIN
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_text_form_round_trips_the_ids(name, data_dir):
+    """`task.codec`: an example's ids -> text -> the same ids (what `predict` reads)."""
+    task = get_task(name)
+    config = _config(name, data_dir)
+    codec = task.codec(config)
+    batch = next(task.pipeline(config, "test", seed=0))
+    for row, mask in zip(batch["inputs"], batch.get("inputs_mask", np.ones_like(batch["inputs"], bool))):
+        ids = row[mask].tolist() if "inputs_mask" in batch else row.tolist()
+        assert codec.encode(codec.decode(ids)) == ids
+        assert codec.decode(ids) == task.decode(row)
+    with pytest.raises(ValueError, match=f"{name}: unknown token"):
+        codec.encode("@@")

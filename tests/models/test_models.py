@@ -138,3 +138,25 @@ def test_aux_loss_reaches_the_loss():
     assert losses[0.0][1] == 0.0 and losses[1.0][1] > 0.0
     assert losses[1.0][0] == pytest.approx(losses[0.0][0] + losses[1.0][1], rel=1e-5)
     assert losses[0.0][2] == pytest.approx(losses[1.0][2], rel=1e-5) and losses[0.0][2] > 0.0
+
+
+@pytest.mark.parametrize("preset", ["dense", "rsa"])
+def test_prefill_then_cached_decoding_equals_full_pass(preset: str):
+    """A prompt run at once (`prefill`) leaves the cache that step-by-step decoding continues from."""
+    config = model_config("lm", preset, num_layers=2)
+    if preset == "rsa":  # at the prompt's 4 blocks of 8, 1 top-k block fits beside the window and global
+        config.model.attention.selection.top_k = 1
+    model = build_model(config, nnx.Rngs(0))
+    ids = batch_for("lm")["inputs"]
+    P = 32  # a multiple of the block size, as the prefill's length buckets are
+
+    def run(m, x):
+        logits_p, cache = m.prefill(x[:, :P])
+        rest = []
+        for t in range(P, L):
+            logits_t, cache = m.decode_step(x[:, t], cache, jnp.int32(t))
+            rest.append(logits_t)
+        return m(x)[0], jnp.concatenate([logits_p, jnp.stack(rest, 1)], 1)
+
+    full, cached = nnx.jit(run)(model, ids)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=2e-5, rtol=2e-5)
