@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from sparseformer.attention import COMPRESSIONS, attend, choose_blocks, init_params, presets
 from sparseformer.attention.config import selection_kernel
 from sparseformer.attention.pallas_kernel import fused_block_attention
-from sparseformer.attention.selection import block_sparse_attention, masked_block_attention, to_blocks
+from sparseformer.attention.selection import block_sparse_attention, causal_queries, masked_block_attention, to_blocks
 
 
 def _timed(fns: dict, args: dict, repeats: int) -> dict[str, float]:
@@ -59,8 +59,9 @@ def components(preset: str, T: int, *, H: int, D: int, dtype, causal: bool):
 
     def choose(qh, kh):
         qb, kb = to_blocks(qh, b), to_blocks(kh, b)
-        q_est = to_blocks(qh, b)[:, :, jnp.maximum(jnp.arange(n) - 1, 0)] if causal else qb
-        return choose_blocks(q_est, kb, None, jnp.arange(n), num_query_blocks=n, cfg=sel_cfg, causal=causal,
+        qids = jnp.arange(n)  # as attend does: causal blocks choose from the queries all their rows see
+        q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, min(sel_cfg.anchors, b)) if causal else qb
+        return choose_blocks(q_est, kb, None, qids, num_query_blocks=n, cfg=sel_cfg, causal=causal,
                              rng=jax.random.key(2))
 
     sel = jax.jit(choose)(qh, kh)

@@ -18,6 +18,7 @@ from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS
 from sparseformer.attention.selection import (
     Selection,
     block_sparse_attention,
+    causal_queries,
     choose_blocks,
     masked_block_attention,
     to_blocks,
@@ -86,8 +87,9 @@ def attend(
       `out [B, T, H, D]` in q's dtype, and `aux`: float32 scalars `aux_loss` (the
       regulariser times its weight; 0 when correction is off) and `fidelity` (KL from dense to approximate attention on
       the sampled rows; 0 when `correction.aux_rows == 0`), `captured` (the share of the
-      approximate attention's mass that was computed exactly, see `_captured`), and the same two
-      per head, `fidelity_heads` and `captured_heads` `[H]` (their means are the scalars).
+      approximate attention's mass that was computed exactly, see `_captured`), the same two
+      per head, `fidelity_heads` and `captured_heads` `[H]` (their means are the scalars), and
+      with selection on, `slots` (key blocks computed exactly per query block and head, on average).
     """
     B, T, H, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
@@ -137,9 +139,8 @@ def attend(
         kmask_b = kv_mask.reshape(B, S_pad // b, b) if padded else None
         qb = to_blocks(q_used, b)
         qids = q_pos[::b] // b
-        if causal:  # a block's choice is made from the previous block's queries
-            prev = jnp.maximum(qids - 1, 0)
-            q_est = to_blocks(qh, b)[:, :, prev]
+        if causal:  # only queries every row of the block may see choose its blocks
+            q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, min(sel_cfg.anchors, b))
         else:
             q_est = qb
         selection = choose_blocks(
@@ -198,6 +199,8 @@ def attend(
     captured_heads = _captured(branches, selection, gates, rule, kv_mask, q_pos, H=H, T=T, S=S,
                                n_global_rows=n_global_rows if query_block is None else 0)
     aux.update(captured=jnp.mean(captured_heads), captured_heads=captured_heads)
+    if selection is not None:  # key blocks computed exactly per query block, on average (invalid slots cost nothing in a fused kernel)
+        aux["slots"] = jnp.mean(jnp.sum(selection.valid, axis=-1, dtype=jnp.float32))
 
     out = jnp.swapaxes(out[:, :, : (T if query_block is None else Tq)], 1, 2)
     return out.astype(q.dtype), aux

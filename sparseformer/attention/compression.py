@@ -190,33 +190,41 @@ def orthogonal_features(key: jax.Array, rank: int, dim: int) -> jax.Array:
     return w * norms[:, None]
 
 
-def _favor(x, w, mask=None, *, per_row: bool):
-    """Features with `phi(q) . phi(k) ~= exp(q . k)`; returns (features, log scale)."""
+def _favor(x, w, mask=None, *, per_row: bool, causal: bool = False):
+    """Features with `phi(q) . phi(k) ~= exp(q . k)`; returns (features, log scale).
+
+    Keys share one log scale. Bidirectional: their largest log-feature. Causal: the bound
+    `max_r |w_r|^2 / 2` of any log-feature (`w.x - |x|^2/2 <= |w|^2/2`), which depends on no key,
+    so no output depends on a later key even through rounding (a shared maximum over all keys
+    cancels mathematically but not bit for bit)."""
     proj = jnp.einsum("bhtd,rd->bhtr", x.astype(jnp.float32), w)
     logphi = proj - 0.5 * jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
     if mask is not None:
         logphi = jnp.where(mask[:, None, :, None], logphi, LOG0)
-    axes = (-1,) if per_row else (-2, -1)
-    stab = jax.lax.stop_gradient(jnp.max(logphi, axis=axes, keepdims=True))
+    if causal and not per_row:
+        stab = jnp.full((1, 1, 1, 1), 0.5 * jnp.max(jnp.sum(jnp.square(w), -1)), jnp.float32)
+    else:
+        axes = (-1,) if per_row else (-2, -1)
+        stab = jax.lax.stop_gradient(jnp.max(logphi, axis=axes, keepdims=True))
     phi = jnp.exp(logphi - stab) / math.sqrt(w.shape[0])
     if mask is not None:  # padded keys contribute nothing, even when every key is padded
         phi = jnp.where(mask[:, None, :, None], phi, 0.0)
     return phi, stab
 
 
-def _performer_features(q, k, kv_mask, config, rng):
+def _performer_features(q, k, kv_mask, config, rng, causal=False):
     D = q.shape[-1]
     w = orthogonal_features(rng, config.compression.rank, D)
     # q is already scaled by 1/sqrt(D): split the scale evenly between queries and keys
     phq, sq = _favor(q * D**0.25, w, per_row=True)
-    phk, sk = _favor(k * D**-0.25, w, kv_mask, per_row=False)
+    phk, sk = _favor(k * D**-0.25, w, kv_mask, per_row=False, causal=causal)
     return w, phq, phk, sq[..., 0], sk[..., 0]  # row scale [B, H, T], key scale [B, H, 1]
 
 
 @COMPRESSIONS.register("performer", supports_exclusion=True)
 def performer(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
     """FAVOR+ positive orthogonal random features; causal through prefix sums over blocks."""
-    w, phq, phk, sq, sk = _performer_features(q, k, kv_mask, config, rng)
+    w, phq, phk, sq, sk = _performer_features(q, k, kv_mask, config, rng, causal)
     vf = v.astype(jnp.float32)
     if not causal:
         num = jnp.einsum("bhtr,bhrd->bhtd", phq, jnp.einsum("bhsr,bhsd->bhrd", phk, vf))
@@ -236,7 +244,10 @@ def _causal_linear(phq, phk, v, q_pos, c):
     kc, vc = to_blocks(phk, c), to_blocks(v, c)
     state = jnp.einsum("bhncr,bhncd->bhnrd", kc, vc)
     zs = jnp.sum(kc, 3)
-    prefix, zprefix = jnp.cumsum(state, 2) - state, jnp.cumsum(zs, 2) - zs
+    # exclusive prefix sums by shifting, not `cumsum - own`: that cancels a chunk's own (partly
+    # future) keys mathematically but not bit for bit
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :, :1]), jnp.cumsum(x, 2)[:, :, :-1]], 2)  # noqa: E731
+    prefix, zprefix = shift(state), shift(zs)
     qc = to_blocks(phq, c)  # [B, H, nq, c, r]
     chunk = q_pos[::c] // c  # [nq]
     num = jnp.einsum("bhncr,bhnrd->bhncd", qc, prefix[:, :, chunk])

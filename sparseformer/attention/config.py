@@ -27,8 +27,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.selection.global_queries = False  # the first `global_blocks` query blocks see every key (BigBird; bidirectional only: causal rows see their past anyway)
     c.selection.random_blocks = 0  # key blocks drawn at random per query block and head
     c.selection.top_k = 0  # key blocks ranked by the importance estimate
-    c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, maxkey, sampled, oracle
+    c.selection.estimator = "bound"  # importance estimate for top_k: pooled, bound, maxkey, lsekey, sampled, oracle
     c.selection.sample_rows = 4  # query rows per block scored exactly by the `sampled` estimator
+    c.selection.anchors = 1  # query sub-blocks the estimator scores apart (a block's score: the best over them), so a query block holding several groups finds what each wants; >= block_size: every row. Causal: the first query of each sub-block, whose slots serve its rows on
+    c.selection.mass_threshold = 1.0  # top_k stops taking blocks once their estimated share of the mass (with the static blocks') reaches this; the rest stay invalid (1.0: always all top_k). Causal with anchors: the anchors share the top_k slots in turn
+    c.selection.causal_choice = "first_query"  # causal: which queries choose a block's keys: first_query (the block's first query, seen by every row: no lag) or previous_block (the previous block's queries: a block late)
     c.selection.kernel = "auto"  # exact part: pallas (fused GPU kernel; interpreted on CPU: tests), scan (XLA block-sparse, memory ~ T*D), masked (dense logits masked to the chosen blocks: faster for short inputs, memory ~ T*S), auto (GPU: pallas; else masked up to 512 keys, scan beyond)
 
     c.compression = ml_collections.ConfigDict()
@@ -59,6 +62,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "selection.top_k": int,
     "selection.estimator": str,
     "selection.sample_rows": int,
+    "selection.anchors": int,
+    "selection.mass_threshold": (int, float),
+    "selection.causal_choice": str,
     "selection.kernel": str,
     "compression.enabled": bool,
     "compression.kind": str,
@@ -76,6 +82,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 
 
 KERNELS = ("auto", "pallas", "scan", "masked")
+CAUSAL_CHOICES = ("first_query", "previous_block")
 # `auto` uses the masked kernel up to this many keys: below it, the scan's many small block
 # matmuls cost more than dense logits (CPU, 128 tokens in blocks of 8: 4x slower fwd+bwd).
 AUTO_MASKED_MAX_KEYS = 512
@@ -184,9 +191,18 @@ def validate(
 
     if sel.kernel not in KERNELS:
         raise _err("selection.kernel", sel.kernel, f"must be one of {', '.join(KERNELS)}")
-    for key in ("block_size", "sample_rows"):
+    if sel.causal_choice not in CAUSAL_CHOICES:
+        raise _err("selection.causal_choice", sel.causal_choice, f"must be one of {', '.join(CAUSAL_CHOICES)}")
+    for key in ("block_size", "sample_rows", "anchors"):
         if sel[key] < 1:
             raise _err(f"selection.{key}", sel[key], "must be >= 1")
+    if not 0.0 < sel.mass_threshold <= 1.0:
+        raise _err("selection.mass_threshold", sel.mass_threshold, "must be in (0, 1]")
+    if sel.anchors < sel.block_size and sel.block_size % sel.anchors:
+        raise _err(
+            "selection.anchors", sel.anchors,
+            f"must divide selection.block_size={sel.block_size} (or be at least it: every row an anchor)",
+        )
     if sel.enabled and sel.kernel == "pallas" and (sel.block_size < 16 or sel.block_size & (sel.block_size - 1)):
         raise _err("selection.block_size", sel.block_size, "selection.kernel='pallas' needs a power of two >= 16")
     for key in ("window", "global_blocks", "random_blocks", "top_k"):

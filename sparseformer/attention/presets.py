@@ -10,10 +10,12 @@
 | nystrom      | off                                  | nystrom     | off                                 |
 | scatterbrain | window                               | performer   | exclusion + merge                   |
 | nsa          | window + global + top-k (pooled)     | pool        | gated sum (NSA's merge) + gates     |
-| rsa          | window + global + top-k (maxkey)     | pool (+moments) | exclusion + merge + regulariser |
+| rsa          | own block + top-7 (maxkey, 4 anchors, mass threshold) | pool (+moments) | exclusion + merge + regulariser |
 
-Budgets are in blocks of `selection.block_size` (64): `bigbird`, `nsa` and `rsa` all compute
-8 key blocks per query block exactly (BigBird: 3 window + 2 global + 3 random, as in its paper).
+Budgets are in blocks of `selection.block_size` (64): `bigbird`, `nsa` and `rsa` all compute at
+most 8 key blocks per query block exactly (BigBird: 3 window + 2 global + 3 random, as in its
+paper; rsa: its own block and 7 ranked ones, neighbours included when the estimate ranks them,
+fewer once the estimated mass reaches 0.95).
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ _PRESETS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         },
     ),
     "rsa": (
-        "robust sparse attention: window + global + top-k (maxkey) + moment-matched pooled rest, "
-        "exclusion, one normaliser, KL regulariser (this project)",
+        "robust sparse attention: own block + top-7 by the best key of 4 query anchors (no fixed window), "
+        "moment-matched pooled rest, exclusion, one normaliser, KL regulariser (this project)",
         {
-            _SEL: dict(enabled=True, window=1, global_blocks=1, top_k=4, estimator="maxkey"),
+            _SEL: dict(enabled=True, window=0, global_blocks=0, top_k=7, estimator="maxkey", anchors=4, mass_threshold=0.95),
             _COMP: dict(enabled=True, kind="pool", pool_moments=True),
             _CORR: dict(enabled=True, merge="lse", exclusion=True, aux_weight=0.1, aux_rows=16),
         },

@@ -89,8 +89,8 @@ def _batch_head_index(B: int, H: int) -> tuple[jax.Array, jax.Array]:
 
 
 # ---------------------------------------------------------------- importance estimators
-# Each takes query blocks `[B, H, n, b, D]` (already scaled; causal calls pass the previous
-# query block, so a block's choice never depends on its own or later queries), key blocks
+# Each takes query blocks `[B, H, n, r, D]` (already scaled; causal calls pass only queries that
+# every row of the block may see: `causal_queries`), key blocks
 # `[B, H, m, b, D]`, the key mask in blocks `[B, m, b]` (or None), the allowed block pairs
 # `[n, m]`, and keywords `cfg` (model.attention.selection), `rng` and `qids` (`[n]`, the index
 # of each query block, for draws that must not depend on which blocks share a call), and
@@ -150,6 +150,22 @@ def maxkey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
     if kmask_b is not None:  # a padded key is never a block's best key
         s = jnp.where(kmask_b[:, None, None], s, LOG0)
     return jnp.max(s, axis=-1)
+
+
+@ESTIMATORS.register("lsekey", exact_when_full=True)
+def lsekey_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
+    """The attention mass of each block for the query block's mean query: the log-sum-exp of its
+    scores against the block's keys.
+
+    The same matmul as `maxkey`, reduced by log-sum-exp instead of max: a block holding one
+    strong key scores about that key's logit (as in `maxkey`), and a block holding many fairly
+    good keys (a recurring topic) scores their summed mass, which `maxkey` ignores.
+    """
+    q_mean = jnp.mean(qb, axis=3)  # [B, H, n, D]
+    s = jnp.einsum("bhnd,bhmkd->bhnmk", q_mean, kb, preferred_element_type=jnp.float32)
+    if kmask_b is not None:
+        s = jnp.where(kmask_b[:, None, None], s, LOG0)
+    return jax.nn.logsumexp(s, axis=-1)
 
 
 def _block_mass(s_BHnrS: jax.Array, kmask_b, allowed, m: int) -> jax.Array:
@@ -222,6 +238,24 @@ def _static_slots(qids: jax.Array, m: int, cfg: ml_collections.ConfigDict, causa
     return idx, jnp.concatenate([w_valid, g_valid], axis=1)
 
 
+def anchor_scores(est, q_est, kb, kmask_b, allowed, *, cfg, rng, qids) -> jax.Array:
+    """Scores `[B, H, n, m]` of estimator `est` with `cfg.anchors` query sub-blocks per block.
+
+    Each query block's rows are cut into `anchors` equal sub-blocks, each scored as a block of
+    its own; a key block's score is the best over the sub-blocks. A query block that holds
+    two groups of queries wanting different keys then ranks what each group wants, where one
+    mean query of the whole block would blur them. Row-local: query block i's scores depend
+    only on its own rows.
+    """
+    B, H, n, b, D = q_est.shape
+    p = min(cfg.anchors, b)
+    if p == 1:
+        return est(q_est, kb, kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
+    q_sub = q_est.reshape(B, H, n * p, b // p, D)
+    scores = est(q_sub, kb, kmask_b, jnp.repeat(allowed, p, axis=0), cfg=cfg, rng=rng, qids=jnp.repeat(qids, p))
+    return jnp.max(scores.reshape(B, H, n, p, -1), axis=3)
+
+
 def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     vals, idx = jax.lax.top_k(scores, k)
     return idx.astype(jnp.int32), vals > NEG_INF
@@ -236,6 +270,7 @@ ESTIMATE_CHUNK_ELEMENTS = 1 << 20
 def estimate_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, kv_len: int) -> int:
     """Query blocks scored together: as many as keep one chunk's scores within budget."""
     rows = ESTIMATORS.get(cfg.estimator).extras.get("rows_scored", lambda c: 1)(cfg) if cfg.top_k else 1
+    rows = min(cfg.block_size, rows * cfg.anchors)  # anchors are scored as blocks of their own
     return max(1, min(num_query_blocks, ESTIMATE_CHUNK_ELEMENTS // max(1, rows * kv_len)))
 
 
@@ -283,16 +318,77 @@ def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, 
         idx_list.append(idx_r)
         valid_list.append(valid_r)
         free = free & ~slots_to_blocks(idx_r, valid_r, m)
+    start_list = [jnp.zeros(x.shape, jnp.int32) for x in idx_list]
     if cfg.top_k:
-        est = ESTIMATORS.get(cfg.estimator).fn
         sg = jax.lax.stop_gradient
-        scores = sg(est(sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids))
+        est = ESTIMATORS.get(cfg.estimator).fn
+        rows = causal_anchor_rows(cfg, kb.shape[3]) if causal else None
+        if rows is None:
+            scores = anchor_scores(est, sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
+            scores_P = sg(scores)[..., None]
+        else:  # one single-query anchor per row offset, scored apart
+            P = len(rows)
+            q_a = sg(q_est).reshape(B, H, n * P, 1, q_est.shape[-1])
+            scores = est(q_a, sg(kb), kmask_b, jnp.repeat(allowed, P, 0), cfg=cfg, rng=rng, qids=jnp.repeat(qids, P))
+            scores_P = jnp.moveaxis(sg(scores).reshape(B, H, n, P, m), 3, 4)
         if group > 1:  # a group's heads share one choice: the blocks their masses favour together
-            scores = jax.nn.logsumexp(scores.reshape(B, Hk, group, n, m), axis=2)
-        idx_t, valid_t = _top(jnp.where(free, scores, NEG_INF), cfg.top_k)
+            scores_P = jax.nn.logsumexp(scores_P.reshape(B, Hk, group, n, m, -1), axis=2)
+        # causal: shares are estimated over the blocks strictly before the query block, since
+        # the query block's own score includes keys later than its first rows
+        norm = (jnp.arange(m)[None, :] < qids[:, None]) if causal else allowed
+        idx_t, valid_t, start_t = _take_by_mass(scores_P, free, norm, cfg, rows or (0,))
         idx_list.append(idx_t)
         valid_list.append(valid_t)
-    return jnp.concatenate(idx_list, -1), jnp.concatenate(valid_list, -1)
+        start_list.append(start_t)
+    return jnp.concatenate(idx_list, -1), jnp.concatenate(valid_list, -1), jnp.concatenate(start_list, -1)
+
+
+def _take_by_mass(scores_P, free, norm, cfg, rows):
+    """The top-k slots from scores `[B, Hk, n, m, P]` of `P` anchors taken in turn.
+
+    Each anchor takes its best free blocks while the estimated share of its attention mass
+    already covered (the softmax of its scores over the blocks in `norm` `[n, m]`, summed over
+    the blocks chosen so far, static ones included) is below `mass_threshold` and the budget of `top_k`
+    slots lasts. Anchor p's slots serve the rows from `rows[p]` on; what it takes depends only on
+    anchors 0..p, so a causal row never depends on a later anchor. Returns `[B, Hk, n, top_k]`
+    idx, valid and row start (valid slots first).
+    """
+    k, tau = cfg.top_k, cfg.mass_threshold
+    B, Hk, n, m, P = scores_P.shape
+    left = jnp.full((B, Hk, n), k, jnp.int32)
+    chosen = ~free & norm  # blocks already served exactly (static, random)
+    idx_all, valid_all, start_all = [], [], []
+    for p in range(P):
+        scores = scores_P[..., p]
+        idx, valid = _top(jnp.where(free, scores, NEG_INF), k)
+        logz = jax.nn.logsumexp(jnp.where(norm, scores, NEG_INF), axis=-1, keepdims=True)
+        share = jnp.where(norm & jnp.isfinite(logz), jnp.exp(scores - logz), 0.0)
+        covered = jnp.sum(jnp.where(chosen, share, 0.0), axis=-1, keepdims=True)
+        share_t = jnp.take_along_axis(share, idx, axis=-1)
+        before = covered + jnp.cumsum(share_t, axis=-1) - share_t  # covered before each pick
+        valid = valid & (jnp.arange(k) < left[..., None]) & ((before < tau) | (tau >= 1.0))
+        left = left - jnp.sum(valid, axis=-1)
+        hit = slots_to_blocks(idx, valid, m)
+        free, chosen = free & ~hit, chosen | hit
+        idx_all.append(idx)
+        valid_all.append(valid)
+        start_all.append(jnp.full(idx.shape, rows[p], jnp.int32))
+    if P == 1:
+        return idx_all[0], valid_all[0], start_all[0]
+    idx, valid, start = (jnp.concatenate(x, axis=-1) for x in (idx_all, valid_all, start_all))
+    order = jnp.argsort(~valid, axis=-1, stable=True)[..., :k]  # at most k are valid: keep those
+    return tuple(jnp.take_along_axis(x, order, axis=-1) for x in (idx, valid, start))
+
+
+def causal_anchor_rows(cfg: ml_collections.ConfigDict, b: int) -> tuple[int, ...] | None:
+    """Causal `first_query` choice with `anchors > 1`: the row offsets of the anchor queries
+    (the first row of each of `anchors` equal sub-blocks); None when one choice serves the block."""
+    if cfg.causal_choice != "first_query" or min(cfg.anchors, b) == 1:
+        return None
+    p = min(cfg.anchors, b)
+    return tuple(range(0, b, b // p))
+
+
 
 
 def choose_blocks(
@@ -310,7 +406,8 @@ def choose_blocks(
     """Pick the key blocks of each query block.
 
     Args:
-      q_est: query blocks the estimator sees `[B, H, n, b, D]` (causal: the previous block's).
+      q_est: query rows the estimator sees per query block `[B, H, n, r, D]` (bidirectional: the
+        block's own `b` rows; causal: `causal_queries`).
       kb: key blocks `[B, H, m, b, D]` (grouped-query attention: repeated to the query heads).
       kmask_b: key padding mask in blocks `[B, m, b]` or None.
       qids: `[n]` index of each query block among all `num_query_blocks`.
@@ -320,11 +417,12 @@ def choose_blocks(
     The estimate is computed per chunk of query blocks (`estimate_chunk`), so its transient
     scores stay bounded whatever the length; the result does not depend on the chunking.
     """
-    B, H, n, b, _ = q_est.shape
-    m = kb.shape[2]
+    B, H, n = q_est.shape[:3]
+    m, b = kb.shape[2], kb.shape[3]
     if H % group:
         raise ValueError(f"model.attention: {H} query heads are not a multiple of the group size {group}")
     idx0, valid0 = _static_slots(qids, m, cfg, causal)
+    row_start = None
     idx = jnp.broadcast_to(idx0, (B, H // group) + idx0.shape)
     valid = jnp.broadcast_to(valid0, (B, H // group) + valid0.shape)
     if cfg.random_blocks or cfg.top_k:
@@ -332,12 +430,34 @@ def choose_blocks(
             _dynamic_slots, cfg=cfg, causal=causal, num_query_blocks=num_query_blocks, group=group
         )
         chunk = estimate_chunk(cfg, n, m * b)
-        idx_d, valid_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
+        idx_d, valid_d, start_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
         idx = jnp.concatenate([idx, idx_d], axis=-1)
         valid = jnp.concatenate([valid, valid_d], axis=-1)
+        if causal and cfg.top_k and causal_anchor_rows(cfg, b) is not None:
+            zeros = jnp.zeros(start_d.shape[:3] + idx0.shape[-1:], jnp.int32)  # static slots serve every row
+            row_start = jnp.concatenate([zeros, start_d], axis=-1)
     if group > 1:
         idx, valid = jnp.repeat(idx, group, axis=1), jnp.repeat(valid, group, axis=1)
-    return Selection(idx=idx, valid=valid, qids=qids, block_size=b, num_key_blocks=m, group=group)
+        row_start = None if row_start is None else jnp.repeat(row_start, group, axis=1)
+    return Selection(idx=idx, valid=valid, qids=qids, block_size=b, num_key_blocks=m, row_start=row_start, group=group)
+
+
+def causal_queries(qh_BHTD: jax.Array, qids: jax.Array, b: int, how: str, anchors: int = 1) -> jax.Array:
+    """The queries a causal query block chooses its key blocks from: `[B, H, n, r, D]`.
+
+    Every row of the block may depend on them, so the choice leaks nothing from the future:
+      first_query     the block's first query (`r = 1`): no lag, whatever changes at or before
+                      the block's start is seen by the block itself; with `anchors > 1`, the
+                      first query of each of `anchors` sub-blocks, each choosing slots that only
+                      the rows from it on use (`Selection.row_start`);
+      previous_block  the previous block's `b` queries (block 0 uses its own first query): the
+                      choice is one block late.
+    """
+    if how == "first_query":  # with anchors: the first query of each sub-block (`r = anchors`)
+        return qh_BHTD[:, :, (qids * b)[:, None] + jnp.arange(0, b, b // anchors)]
+    prev = to_blocks(qh_BHTD, b)[:, :, jnp.maximum(qids - 1, 0)]
+    first = qh_BHTD[:, :, qids * b][:, :, :, None]
+    return jnp.where((qids > 0)[:, None, None], prev, first)
 
 
 # ---------------------------------------------------------------- block-sparse exact attention

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed calls per case after compilation")
     p.add_argument("--passes", default=",".join(d.passes), help="fwd, fwd_bwd")
     p.add_argument("--rss", default=None, choices=RSS_MODES, help=f"which cases get a fresh-process peak-memory probe (default {d.rss}; --quick: {QUICK['rss']})")
-    p.add_argument("--no-fidelity", action="store_true", help="skip the peaky/needle error measurement")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity measurement (error against exact attention)")
+    p.add_argument("--fidelity-seed", type=int, default=None, help="seed of every fidelity input (default: each kind's own; "
+                   "sparseformer.bench.inputs.HELD_OUT_SEEDS were kept aside to check that nothing was tuned to the defaults)")
     p.add_argument("--dense-impl", default=d.dense_impl, choices=["auto", "xla", "cudnn"], help="auto: cuDNN on a GPU for 16-bit inputs")
     p.add_argument("--quick", action="store_true", help="small lengths and fewer rounds: under about two minutes on this CPU")
     p.add_argument("--compile-only", action="store_true", help="compile every case and record XLA's compiled memory and FLOPs only (no timing, fidelity or probes): the memory table at lengths too large to run")
@@ -67,6 +69,7 @@ def options_from_args(args: argparse.Namespace) -> "BenchOptions":  # noqa: F821
         passes=parse_csv(args.passes),
         rss=args.rss or quick.get("rss", d.rss),
         fidelity=not args.no_fidelity,
+        fidelity_seed=args.fidelity_seed,
         dense_impl=args.dense_impl,
         compile_only=args.compile_only,
     )

@@ -156,7 +156,8 @@ def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method
     return Method(name, fn, params, counts, "sparseformer", kernel)
 
 
-BASELINES: dict[str, Callable[..., Method]] = {"dense": build_dense, "dense_pallas": build_dense_pallas}
+BASELINE_NAME = "dense"
+BASELINES: dict[str, Callable[..., Method]] = {BASELINE_NAME: build_dense, "dense_pallas": build_dense_pallas}
 """Methods that are not attention presets, by name."""
 
 

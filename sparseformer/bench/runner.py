@@ -3,8 +3,9 @@
 For each length: build every method, compile both passes (recording XLA's compiled memory), decide
 which cases fit, warm each case up, then time `repeats` rounds in which every case runs once, in an
 order rotated from round to round so that machine drift hits all methods alike; the median of the
-rounds is the case's time. Fidelity is measured on the forward pass already compiled, against exact
-float32 attention on the `peaky` and `needle` inputs. The fresh-process peak-memory probes run last,
+rounds is the case's time. Fidelity is the forward output's error against exact float32 attention on
+every input kind of `inputs.INPUT_KINDS`, with, for each preset that ranks blocks by an estimate, the
+same preset with the oracle's choice beside it (fidelity-only rows). The fresh-process peak-memory probes run last,
 one subprocess per case, so that they disturb no timing.
 """
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer.bench import inputs, measure, methods
+from sparseformer.bench import inputs, measure, methods, report
 
 RSS_MODES = ("all", "largest", "none")
 
@@ -43,6 +44,7 @@ class BenchOptions:
     passes: tuple[str, ...] = ("fwd", "fwd_bwd")
     rss: str = "all"  # which cases get a fresh-process peak-memory probe: all, largest length, none
     fidelity: bool = True
+    fidelity_seed: int | None = None  # seed of every fidelity input (None: each kind's own default)
     dense_impl: str = "auto"  # auto (cuDNN on a GPU for 16-bit inputs), xla, cudnn
     compile_only: bool = False  # record compiled memory and FLOPs only: no timing, fidelity or probes
 
@@ -121,7 +123,8 @@ def _base_record(name: str, length: int, pass_name: str, o: BenchOptions) -> dic
         "preset": name, "length": length, "pass": pass_name, "median_ms": None, "times_ms": [],
         "compiled_bytes": None, "temp_bytes": None, "output_bytes": None, "argument_bytes": None,
         "peak_rss_bytes": None, "flops": None, "flops_exact": None, "flops_per_s": None,
-        "exact_flops_per_s": None, "exact_pairs_per_query": None, "error_peaky": None, "error_needle": None,
+        "exact_flops_per_s": None, "exact_pairs_per_query": None,
+        **{f"error_{kind}": None for kind in inputs.INPUT_KINDS},
         "compile_s": None, "implementation": None, "kernel": None, "skipped": None, "error": None,
         "dtype": o.dtype, "causal": o.causal, "batch": o.batch, "heads": o.heads, "head_dim": o.head_dim,
     }  # fmt: skip
@@ -188,21 +191,70 @@ def _time_cases(cases: list[Case], o: BenchOptions, length: int, progress: Any) 
         rec["exact_flops_per_s"] = rec["flops_exact"] / median_s
 
 
-def _fidelity(cases: list[Case], o: BenchOptions, length: int, progress: Any) -> None:
-    """Relative error of every runnable forward pass against exact float32 attention, per input kind."""
+ORACLE_SUFFIX = ", oracle choice"
+"""Fidelity rows `<preset>, oracle choice`: the preset's budget and mechanism with the exact block
+masses (`estimator="oracle"`) in place of its estimate, so the estimate's share of the error shows."""
+
+
+def _fidelity_functions(name: str, shape: methods.Shape) -> dict[str, Any]:
+    """`{label: jitted (q, k, v) -> (out, slots)}`: the preset itself and, when it ranks blocks by an
+    estimate, the same config with the oracle's choice. `slots` is the average number of key blocks
+    computed exactly per query block (None without selection)."""
+    from sparseformer import attention
+
+    config = attention.presets.get(name)
+    variants = {name: config}
+    if config.selection.enabled and config.selection.top_k and config.selection.estimator != "oracle":
+        oracle = attention.presets.get(name)
+        oracle.selection.estimator = "oracle"
+        variants[name + ORACLE_SUFFIX] = oracle
+    out = {}
+    for label, c in variants.items():
+        params = attention.init_params(c, jax.random.key(0), num_heads=shape.heads, head_dim=shape.head_dim, max_len=shape.length)
+
+        def fn(q, k, v, c=c, params=params):  # noqa: ANN001, ANN202 (traced arrays)
+            o, aux = attention.attend(q, k, v, c, params=params, causal=shape.causal)
+            return o, aux.get("slots")
+
+        out[label] = jax.jit(fn)
+    return out
+
+
+def _fidelity(cases: list[Case], o: BenchOptions, length: int, progress: Any) -> list[dict[str, Any]]:
+    """Relative error of every runnable method's forward output against exact float32 attention, per
+    input kind (`inputs.INPUT_KINDS`), written into the cases' records; returns the extra records of
+    the oracle-choice variants (fidelity only: no time)."""
     fwd = [c for c in cases if c.runnable and c.record["pass"] == "fwd"]
+    shape = o.shape(length)
+    fns: dict[str, Any] = {}
+    for c in fwd:
+        name = c.record["preset"]
+        fns.update(_fidelity_functions(name, shape) if name != methods.BASELINE_NAME else {name: None})
+    errors: dict[str, dict[str, Any]] = {label: {} for label in fns}
     for kind, make in inputs.INPUT_KINDS.items():
-        progress.set_description(f"{length}: fidelity reference ({kind})")
-        q, k, v = make(o.batch, length, o.heads, o.head_dim, causal=o.causal)
+        progress.set_description(f"{length}: fidelity ({kind})")
+        seed = {} if o.fidelity_seed is None else {"seed": o.fidelity_seed}
+        q, k, v = make(o.batch, length, o.heads, o.head_dim, causal=o.causal, **seed)
         ref = measure.reference_attention(q, k, v, causal=o.causal)
         qd, kd, vd = (jnp.asarray(x, o.dtype) for x in (q, k, v))
-        for c in fwd:
-            out = c.compiled(qd, kd, vd, *c.args[3:])
-            err = measure.relative_error(np.asarray(out, np.float32), ref)
-            for other in cases:  # both passes of a method share its fidelity
-                if other.record["preset"] == c.record["preset"]:
-                    other.record[f"error_{kind}"] = err
+        for label, fn in fns.items():
+            if fn is None:  # the dense baseline: its own compiled forward
+                case = next(c for c in fwd if c.record["preset"] == label)
+                out, slots = case.compiled(qd, kd, vd, *case.args[3:]), None
+            else:
+                out, slots = fn(qd, kd, vd)
+            errors[label][f"error_{kind}"] = measure.relative_error(np.asarray(out, np.float32), ref)
+            errors[label][f"slots_{kind}"] = None if slots is None else float(slots)
         progress.update(1)
+    for other in cases:  # both passes of a method share its fidelity
+        other.record.update(errors.get(other.record["preset"], {}))
+    extra = []
+    for label, errs in errors.items():
+        if label.endswith(ORACLE_SUFFIX):
+            rec = _base_record(label, length, "fwd", o)
+            rec.update(errs, skipped=report.FIDELITY_ONLY)
+            extra.append(rec)
+    return extra
 
 
 def _probe_rss(records: list[dict[str, Any]], o: BenchOptions, progress: Any) -> None:
@@ -256,9 +308,8 @@ def run(o: BenchOptions, *, progress: Any = None, checkpoint: Callable[[dict[str
                     c.record["skipped"] = "compile only"
         _time_cases(cases, o, length, progress)
         progress.update(len([c for c in cases if not c.runnable]))  # the warm-ups they did not need
-        if o.fidelity and not o.compile_only:
-            _fidelity(cases, o, length, progress)
-        records += [c.record for c in cases]
+        extra = _fidelity(cases, o, length, progress) if o.fidelity and not o.compile_only else []
+        records += [c.record for c in cases] + extra
         del cases
         if checkpoint:
             checkpoint(bench)

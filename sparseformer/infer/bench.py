@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from sparseformer.bench import measure
-from sparseformer.bench.report import _json_safe, _ratio
+from sparseformer.bench.report import _ratio, write_files
 from sparseformer.bench.runner import machine_info
 from sparseformer.infer import model as model_lib
 from sparseformer.infer import predict as predict_lib
@@ -161,14 +161,16 @@ def run_benchmark(workdirs: Sequence[str], *, lengths: Sequence[int] = (), batch
                   progress: Any = print) -> dict[str, Any]:
     """The benchmark (see the module docstring) as a JSON-able dict."""
     models = {w: model_lib.trained_model(w) for w in workdirs}
-    task_len = sorted({int(m.config.model.max_len) for m in models.values()})
-    all_lengths = sorted({*task_len, *(int(x) for x in lengths)})
+    extra = {int(x) for x in lengths}
+    all_lengths = sorted({*(int(m.config.model.max_len) for m in models.values()), *extra})
     available = measure.available_memory_bytes()
     results: list[dict[str, Any]] = []
     for length in all_lengths:
         group = []
         for w, trained in models.items():
             own = length == int(trained.config.model.max_len)
+            if not own and length not in extra:  # another run's task length: not asked for this one
+                continue
             try:
                 sized = model_lib.sized_config(trained.config, length)
             except ValueError as e:
@@ -179,6 +181,8 @@ def run_benchmark(workdirs: Sequence[str], *, lengths: Sequence[int] = (), batch
             cases = _cases(m, length, batch_sizes, available)
             progress(f"  {w} at {length}: compiled {len(cases)} programs in {time.perf_counter() - t0:.1f} s")
             group.append((w, m, own, cases))
+        if not group:
+            continue
         _time_rounds([c for *_, cases in group for c in cases], warmup=warmup, repeats=repeats)
         for w, m, own, cases in group:
             rec = _record(w, m, length, own, cases)
@@ -290,16 +294,8 @@ def plot(bench: dict[str, Any], path: str) -> None:
 
 
 def write(bench: dict[str, Any], out_dir: str, *, command: str | None = None) -> dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    if command:
-        bench["command"] = command
-    paths = {ext: os.path.join(out_dir, f"inference.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(_json_safe(bench), f, indent=1)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(bench, command=command))
-    plot(bench, paths["png"])
-    return paths
+    """Write `inference.json`, `inference.md` and `inference.png` under `out_dir`; returns their paths."""
+    return write_files(bench, out_dir, "inference", markdown, plot, command=command)
 
 
 def bench_models_main(argv: list[str]) -> int:

@@ -61,3 +61,17 @@ def future_gradient(config, q, k, v, t, *, params=None, kv_mask=None):
 
     grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
     return max(float(jnp.max(jnp.abs(g[:, t + 1 :]))) for g in grads)
+
+
+def causal_presets(make_config, seq_len: int) -> list[str]:
+    """The presets whose config `make_config(name)` validates for a causal call of `seq_len`."""
+    from sparseformer.attention import presets, validate
+
+    out = []
+    for name in presets.names():
+        try:
+            validate(make_config(name), causal=True, seq_len=seq_len)
+        except ValueError:
+            continue
+        out.append(name)
+    return out

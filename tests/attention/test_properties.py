@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from sparseformer.attention import (
-    COMPRESSIONS, ESTIMATORS, attend, choose_blocks, default_config, init_params, presets, validate,
+    COMPRESSIONS, ESTIMATORS, attend, choose_blocks, default_config, init_params, presets,
 )
 from sparseformer.attention.selection import to_blocks
-from tests.attention.helpers import future_gradient, random_qkv, rel_error, run
+from tests.attention.helpers import causal_presets, future_gradient, random_qkv, rel_error, run
 
 T, B = 64, 8
 
@@ -25,14 +25,7 @@ def _small(name):
 
 
 def _causal_presets():
-    out = []
-    for name in presets.names():
-        try:
-            validate(_small(name), causal=True, seq_len=T)
-        except ValueError:
-            continue
-        out.append(name)
-    return out
+    return causal_presets(_small, T)
 
 
 def test_causal_presets_are_those_whose_components_support_it():

@@ -14,7 +14,7 @@ def _cfg(**sections):
 
 
 CASES = [
-    (_cfg(selection=dict(enabled=True, top_k=2, estimator="magic")), {}, "selection.estimator: 'magic' is not one of pooled, bound, maxkey, sampled, oracle"),
+    (_cfg(selection=dict(enabled=True, top_k=2, estimator="magic")), {}, "selection.estimator: 'magic' is not one of pooled, bound, maxkey, lsekey, sampled, oracle"),
     (_cfg(selection=dict(enabled=True, kernel="cuda")), {}, "selection.kernel: 'cuda' is not allowed; must be one of auto, pallas, scan, masked"),
     (_cfg(compression=dict(enabled=True, kind="nonsense")), {}, "model.attention.compression.kind: 'nonsense' is not one of pool, performer, nystrom, linformer"),
     (_cfg(correction=dict(enabled=True, merge="average")), {}, "correction.merge: 'average' is not one of"),
@@ -27,6 +27,11 @@ CASES = [
     (_cfg(correction=dict(aux_weight=0.5, aux_rows=0)), {}, "correction.aux_rows: 0 is not allowed"),
     (_cfg(correction=dict(gate=True)), {}, "correction.gate: True is not allowed; gates need correction.enabled=True"),
     (_cfg(selection=dict(enabled=True, window=-1)), {}, "selection.window: -1"),
+    (_cfg(selection=dict(enabled=True, anchors=3)), {}, "selection.anchors: 3 is not allowed; must divide selection.block_size=64"),
+    (_cfg(selection=dict(enabled=True, anchors=0)), {}, "selection.anchors: 0 is not allowed; must be >= 1"),
+    (_cfg(selection=dict(enabled=True, mass_threshold=0.0)), {}, "selection.mass_threshold: 0.0 is not allowed; must be in (0, 1]"),
+    (_cfg(selection=dict(enabled=True, mass_threshold=1.5)), {}, "selection.mass_threshold: 1.5 is not allowed; must be in (0, 1]"),
+    (_cfg(selection=dict(enabled=True, causal_choice="own_block")), {}, "selection.causal_choice: 'own_block' is not allowed; must be one of first_query, previous_block"),
 ]
 
 
@@ -49,7 +54,7 @@ def test_unknown_key_is_named():
     c = default_config()
     c.selection.unlock() if hasattr(c.selection, "unlock") else None
     c.selection.topk = 3
-    with pytest.raises(ValueError, match=r"model.attention.selection.topk: unknown key; known: block_size, enabled"):
+    with pytest.raises(ValueError, match=r"model.attention.selection.topk: unknown key; known: anchors, block_size, causal_choice"):
         validate(c, causal=False, seq_len=512)
 
 

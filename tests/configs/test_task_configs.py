@@ -73,7 +73,7 @@ BAD = [
     ({"model.num_kv_heads": 4, "model.num_heads": 2}, "model.num_kv_heads: 4 is not allowed; must divide model.num_heads=2"),
     ({"model.dropout_rate": 1.5}, "model.dropout_rate: 1.5 is not allowed; must be in [0, 1)"),
     ({"batch_size": 0}, "batch_size: 0 is not allowed; must be >= 1"),
-    ({"data.max_len": 100}, "model.attention.selection.top_k: 4 is not allowed"),
+    ({"data.max_len": 100}, "model.attention.selection.top_k: 7 is not allowed"),
     ({"model.attention.selection.top_k": 9}, "model.attention.selection.top_k: 9 is not allowed"),
     ({"model.attention.correction.gate": True, "model.attention.correction.enabled": False},
      "model.attention.correction.gate: True is not allowed; gates need correction.enabled=True"),

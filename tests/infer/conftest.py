@@ -28,7 +28,9 @@ RUNS = {
     "mqar": ("rsa", {"data.max_len": 64}),  # causal LM
 }
 SMALL = {"model.num_layers": 1, "model.emb_dim": 16, "model.mlp_dim": 32, "model.num_heads": 2, "model.num_kv_heads": 1,
-         "model.attention.selection.block_size": 8, "model.attention.selection.top_k": 2}
+         "model.attention.selection.block_size": 8, "model.attention.selection.top_k": 2,
+         # window + global as the tests' bucket lengths assume (rsa's own default reserves neither)
+         "model.attention.selection.window": 1, "model.attention.selection.global_blocks": 1}
 
 
 def make_run(workdir: Path, task: str, attention: str, overrides: dict, *, seed: int = 0) -> Path:

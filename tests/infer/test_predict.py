@@ -124,3 +124,13 @@ def test_bad_lines_are_named_and_leave_no_output(runs, tmp_path):
     assert predict_main([f"--workdir={runs['listops']}", f"--input={src}", f"--output={out}.2", "--quiet",
                          "--skip-bad", "--truncate"]) == 0
     assert len(read(tmp_path / "out.jsonl.2")) == 3  # the long line cut to max_len
+
+
+def test_beam_size_is_a_decoding_choice_of_the_loaded_model(runs):
+    from sparseformer.infer import model as model_lib
+
+    m = model_lib.trained_model(str(runs["synth_translate"]))
+    beam = predict_lib.with_decoding(m, beam_size=3)
+    assert beam.merge().beam_size == 3 and m.merge().beam_size == 1 and beam.params is m.params
+    with pytest.raises(ValueError, match="--beam-size: 0 must be >= 1"):
+        predict_lib.with_decoding(m, beam_size=0)
