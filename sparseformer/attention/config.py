@@ -141,6 +141,25 @@ def block_multiple(config: ml_collections.ConfigDict, *, causal: bool = False) -
     return math.lcm(*sizes)
 
 
+def budget_exceeds_keys(config: ml_collections.ConfigDict, *, causal: bool, kv_len: int) -> bool:
+    """Whether selection's budget holds more key blocks than a key length of `kv_len` has.
+
+    That is: more global blocks than key blocks, or more ranked and random blocks (`top_k +
+    random_blocks`) than are left after the window and the global blocks. Every key block then fits
+    the budget, so the call computes them all: exact attention (`attend` runs dense attention; a
+    budget covering everything equals dense). This is how a model trained with a budget of, say,
+    8 blocks runs inputs of fewer blocks. A budget that fits exactly is not "exceeding": there the
+    method runs as configured (its estimator and `mass_threshold` choose among all the blocks).
+    """
+    sel = config.selection
+    if not sel.enabled:
+        return False
+    nk = -(-int(kv_len) // sel.block_size)
+    width = sel.window + 1 if causal else 2 * sel.window + 1
+    available = max(0, nk - min(nk, width + sel.global_blocks))
+    return sel.global_blocks > nk or sel.top_k + sel.random_blocks > available
+
+
 def _check_known_keys(config: ml_collections.ConfigDict) -> None:
     defaults = default_config()
     for section in config.keys():
@@ -229,26 +248,10 @@ def validate(
     if causal and seq_len != kv_len:
         raise ValueError(f"{PREFIX}: causal attention needs equal query and key lengths, got {seq_len} and {kv_len}")
 
+    # Budgets are not refused: one larger than the key blocks computes them all (exact attention,
+    # see budget_exceeds_keys), which is how a model runs inputs shorter than its budget.
+    exact = budget_exceeds_keys(config, causal=causal, kv_len=kv_len)
     if sel.enabled:
-        nk = -(-kv_len // sel.block_size)
-        if sel.global_blocks > nk:
-            raise _err("selection.global_blocks", sel.global_blocks, f"at most the {nk} key blocks available")
-        if sel.top_k or sel.random_blocks:
-            width = sel.window + 1 if causal else 2 * sel.window + 1
-            available = max(0, nk - min(nk, width + sel.global_blocks))
-            for key in ("top_k", "random_blocks"):
-                if sel[key] > available:
-                    raise _err(
-                        f"selection.{key}",
-                        sel[key],
-                        f"at most {available}: {nk} key blocks minus the window and global blocks",
-                    )
-            if sel.top_k + sel.random_blocks > available:
-                raise _err(
-                    "selection.top_k",
-                    sel.top_k,
-                    f"top_k + random_blocks must be at most {available} (blocks left after window and global)",
-                )
         est = ESTIMATORS.get(sel.estimator)
         if sel.top_k and causal and not est.supports_causal:
             raise _err("selection.estimator", sel.estimator, f"causal calls need one of {_causal_names(ESTIMATORS)}")
@@ -263,7 +266,7 @@ def validate(
             raise _err("compression.kind", comp.kind, "does not support a padding mask")
         if c.fixed_length and max_len is not None and kv_len > max_len:
             raise _err("compression.kind", comp.kind, f"needs key length <= max_len={max_len}, got {kv_len}")
-        if comp.kind == "nystrom" and comp.rank > kv_len:
+        if comp.kind == "nystrom" and comp.rank > kv_len and not exact:
             raise _err("compression.rank", comp.rank, f"nystrom landmarks must be at most the length {kv_len}")
         if corr.enabled and corr.exclusion and sel.enabled:
             if not c.supports_exclusion:
