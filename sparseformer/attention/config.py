@@ -52,6 +52,30 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Keys added after runs were saved without them, with the value that reproduces how those runs
+# attended (not always today's default: causal choice used to come from the previous block).
+# `upgrade` fills them in when a saved run's config is read; add a line here with every new key.
+LEGACY_VALUES: dict[str, Any] = {
+    "selection.anchors": 1,
+    "selection.mass_threshold": 1.0,
+    "selection.causal_choice": "previous_block",
+    "selection.kernel": "auto",
+}
+
+
+def upgrade(config: ml_collections.ConfigDict) -> list[str]:
+    """Fill in place the keys of `LEGACY_VALUES` that a saved `model.attention` config lacks;
+    the dotted keys filled (a run saved before they existed attends as it was trained)."""
+    filled = []
+    for dotted, value in LEGACY_VALUES.items():
+        section, key = dotted.split(".")
+        if section in config and key not in config[section]:
+            with config.unlocked():
+                config[section][key] = value
+            filled.append(dotted)
+    return filled
+
+
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "selection.enabled": bool,
     "selection.block_size": int,
