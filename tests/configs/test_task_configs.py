@@ -74,8 +74,9 @@ BAD = [
     ({"model.num_kv_heads": 4, "model.num_heads": 2}, "model.num_kv_heads: 4 is not allowed; must divide model.num_heads=2"),
     ({"model.dropout_rate": 1.5}, "model.dropout_rate: 1.5 is not allowed; must be in [0, 1)"),
     ({"batch_size": 0}, "batch_size: 0 is not allowed; must be >= 1"),
-    ({"data.max_len": 100}, "model.attention.selection.top_k: 7 is not allowed"),
-    ({"model.attention.selection.top_k": 9}, "model.attention.selection.top_k: 9 is not allowed"),
+    # a top_k larger than the blocks there are is no longer refused: it computes every block (exact attention)
+    ({"model.attention.selection.top_k": -1}, "model.attention.selection.top_k: -1 is not allowed; must be >= 0"),
+    ({"model.attention.selection.mass_threshold": 1.5}, "model.attention.selection.mass_threshold: 1.5 is not allowed"),
     ({"model.attention.correction.gate": True, "model.attention.correction.enabled": False},
      "model.attention.correction.gate: True is not allowed; gates need correction.enabled=True"),
     ({"num_eval_batches": 0}, "num_eval_batches: 0 is not allowed"),
