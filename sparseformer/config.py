@@ -318,8 +318,30 @@ def attention_uses(model: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
     return uses
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise one `ValueError` naming the key, the bad value and what is allowed; else return."""
+def _budget_fits(att: ml_collections.ConfigDict, *, causal: bool, kv_len: int) -> None:
+    """A run's selection budget must leave blocks out at the run's own length. `attend` computes
+    every key block when the budget holds more than there are (exact attention: how a trained model
+    runs inputs shorter than its budget), but a run configured that way would train and report dense
+    attention under a sparse name, so its config is refused."""
+    if not attention_lib.budget_exceeds_keys(att, causal=causal, kv_len=kv_len):
+        return
+    sel = att.selection
+    nk = -(-int(kv_len) // sel.block_size)
+    if sel.global_blocks > nk:
+        raise _fail("model.attention.selection.global_blocks", sel.global_blocks, f"at most the {nk} key blocks there are")
+    width = sel.window + 1 if causal else 2 * sel.window + 1
+    available = max(0, nk - min(nk, width + sel.global_blocks))
+    raise _fail("model.attention.selection.top_k", sel.top_k,
+                f"top_k + random_blocks ({sel.top_k} + {sel.random_blocks}) must be at most {available}, the {nk} key "
+                "blocks minus the window and global blocks (more computes every block: dense attention)")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, inference: bool = False) -> None:
+    """Raise one `ValueError` naming the key, the bad value and what is allowed; else return.
+
+    `inference=True`: the config of a trained model resized to an inference length, where a
+    selection budget larger than the key blocks is allowed (those are computed exactly); a run's
+    own config must leave blocks out (`_budget_fits`)."""
     from sparseformer.data import get_task, task_names  # noqa: PLC0415
 
     for key in ("task", "scale", "model"):
@@ -391,6 +413,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for what, att, kwargs in attention_uses(m):
         try:
             attention_lib.validate(att, **kwargs)
+            if not inference:
+                _budget_fits(att, causal=kwargs["causal"], kv_len=kwargs.get("kv_len", kwargs["seq_len"]))
         except ValueError as e:
             length = kwargs["seq_len"] if "kv_len" not in kwargs else f"{kwargs['seq_len']} x {kwargs['kv_len']}"
             raise ValueError(f"{e} (in the {what}, length {length}, attention {config.attention_name!r})") from None

@@ -66,7 +66,7 @@ def sized_config(config: ml_collections.ConfigDict, length: int, *, target_lengt
     if target_length is not None and "max_target_len" in c.model:
         c.data.max_target_len = int(target_length)
         c.model.max_target_len = int(target_length)
-    validate_config(c)
+    validate_config(c, inference=True)
     return c
 
 

@@ -74,7 +74,10 @@ BAD = [
     ({"model.num_kv_heads": 4, "model.num_heads": 2}, "model.num_kv_heads: 4 is not allowed; must divide model.num_heads=2"),
     ({"model.dropout_rate": 1.5}, "model.dropout_rate: 1.5 is not allowed; must be in [0, 1)"),
     ({"batch_size": 0}, "batch_size: 0 is not allowed; must be >= 1"),
-    # a top_k larger than the blocks there are is no longer refused: it computes every block (exact attention)
+    # a budget that leaves nothing out at the run's own length would train dense attention: refused
+    # (attend itself computes every block there, how a trained model runs shorter inputs)
+    ({"data.max_len": 100}, "model.attention.selection.top_k: 7 is not allowed"),
+    ({"model.attention.selection.top_k": 9}, "model.attention.selection.top_k: 9 is not allowed; top_k + random_blocks"),
     ({"model.attention.selection.top_k": -1}, "model.attention.selection.top_k: -1 is not allowed; must be >= 0"),
     ({"model.attention.selection.mass_threshold": 1.5}, "model.attention.selection.mass_threshold: 1.5 is not allowed"),
     ({"model.attention.correction.gate": True, "model.attention.correction.enabled": False},
