@@ -37,11 +37,6 @@ SCALES = {
     "small": dict(num_train=8000, num_eval=500, num_words=960, max_len=1024, steps=300, finetune=100,
                   lengths="2048,4096", extra=["--config.optimizer.learning_rate=3e-3",
                                               "--config.model.attention.selection.block_size=32"]),
-    # the same task at twice the length: rsa's 8 blocks of 32 are then 1/8 of the keys (at 1024, 1/4:
-    # the whole model was 1.6x faster than dense there, below adopt's 2x threshold)
-    "long": dict(config_scale="small", num_train=8000, num_eval=500, num_words=1920, max_len=2048, steps=300, finetune=60,
-                 lengths="4096", extra=["--config.optimizer.learning_rate=3e-3",
-                                        "--config.model.attention.selection.block_size=32"]),
 }
 
 
@@ -77,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
              f"--num_eval={s['num_eval']}", f"--num_words={s['num_words']}"])
     if "dense" in steps and not (dense / "metrics.json").exists():
         summary["dense_seconds"] = run([
-            py, "-m", "sparseformer", "train", f"--config=configs/files.py:kind=classify,attention=dense,scale={s.get('config_scale', a.scale)}",
+            py, "-m", "sparseformer", "train", f"--config=configs/files.py:kind=classify,attention=dense,scale={a.scale}",
             f"--workdir={dense}", f"--config.data.train_file={data / 'train.jsonl'}",
             f"--config.data.eval_file={data / 'dev.jsonl'}", f"--config.data.test_file={data / 'test.jsonl'}",
             "--config.data.tokenizer=spm", "--config.data.tokenizer_type=bpe", "--config.data.tokenizer_vocab_size=1000",
