@@ -3,6 +3,7 @@
     # test accuracy of trained runs when only the selection's estimate is swapped (no retraining);
     # a dense run is evaluated under rsa (its parameters adopted as they are)
     python experiments/estimators_small_blocks.py runs --estimators=maxkey,bound,oracle RUN_DIR...
+    # an entry may carry other selection keys: --estimators="maxkey;anchors=8,bound"
 
     # relative error against exact attention on the benchmark's inputs, rsa with each estimator
     # at several block sizes (the rest of the preset unchanged)
@@ -24,8 +25,13 @@ import numpy as np
 
 def run_accuracy(workdir: str, estimator: str) -> float:
     """Test accuracy (%) of a run's latest checkpoint with `rsa`'s selection estimating by
-    `estimator` (a dense run is switched to its config's rsa components)."""
+    `estimator` (a dense run is switched to its config's rsa components). `estimator` may name
+    other selection keys after it: `"maxkey;anchors=8"`."""
+    import ast
+
     from sparseformer.train import loop
+
+    estimator, *settings = estimator.split(";")
 
     config = loop.load_config(workdir)
     with config.unlocked():
@@ -33,6 +39,8 @@ def run_accuracy(workdir: str, estimator: str) -> float:
         for part in (attention.selection, attention.compression, attention.correction):
             part.enabled = True
         attention.selection.estimator = estimator
+        for key, _, value in (item.partition("=") for item in settings):
+            attention.selection[key] = ast.literal_eval(value)
     rt, state, _ = loop.restore_run(workdir, config=config)
     return round(100 * float(rt.task_metrics(state, "test")["accuracy"]), 2)
 
