@@ -145,14 +145,16 @@ for name in report["plots"]:
 # had on training data (`monitor_reference.json`). `monitor` measures the same on new inputs (no
 # labels needed) and exits with status 1 and a one-line reason when a threshold is crossed, for a
 # scheduled job to alert on. Here: the training file, then drifted reports whose filler now also
-# holds status words, all over the document, where dense attention spreads and `rsa`'s chosen
-# blocks cannot follow.
+# holds status words all over the document (a fifth of its words), where dense attention spreads
+# over many blocks and `rsa`'s chosen ones capture less of it. (A milder drift, 2% of the words, is
+# one the adopted model still follows: at `small` scale its fidelity rises but stays inside the
+# thresholds, `experiments/adopt_longdoc.py`.)
 
 # %%
 stage2_dir = report["stages"]["stage2"]["run_dir"]
 same = monitor(stage2_dir, input=str(data["train"]), sample=64)
 print(format_table(same["rows"]), "\n->", "ok" if same["ok"] else same["reason"])
-shifted = write_dataset(WORK / "shifted", num_train=64, num_eval=1, num_words=SIZES["num_words"], distractors=0.02,
+shifted = write_dataset(WORK / "shifted", num_train=64, num_eval=1, num_words=SIZES["num_words"], distractors=0.2,
                         seed=1)
 drift = monitor(stage2_dir, input=str(shifted["train"]), sample=64)
 print(format_table(drift["rows"]), "\n->", "ok" if drift["ok"] else drift["reason"])

@@ -9,7 +9,7 @@ variant is one function and one `@REGISTRY.register(name, ...)`.
 
 from sparseformer.attention import presets
 from sparseformer.attention.compose import attend, init_params
-from sparseformer.attention.config import block_multiple, default_config, pool_block_size, validate
+from sparseformer.attention.config import block_multiple, budget_exceeds_keys, default_config, pool_block_size, validate
 from sparseformer.attention.correction import Branch
 from sparseformer.attention.dense import dense_attention
 from sparseformer.attention.flops import flops, slots_per_query_block
@@ -18,7 +18,7 @@ from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS, ESTIMATOR
 from sparseformer.attention.selection import Selection, block_sparse_attention, choose_blocks
 
 __all__ = [
-    "attend", "init_params", "validate", "block_multiple", "default_config", "pool_block_size", "presets",
+    "attend", "init_params", "validate", "block_multiple", "budget_exceeds_keys", "default_config", "pool_block_size", "presets",
     "flops", "slots_per_query_block", "dense_attention", "block_sparse_attention", "choose_blocks",
     "fused_block_attention", "Selection", "Branch", "ESTIMATORS", "COMPRESSIONS", "CORRECTIONS", "Component", "Registry",
 ]

@@ -10,7 +10,7 @@ import ml_collections
 
 from sparseformer.attention import rand
 from sparseformer.attention.compression import _expand_blocks, _row_key_mask
-from sparseformer.attention.config import block_multiple, selection_kernel, validate
+from sparseformer.attention.config import block_multiple, budget_exceeds_keys, selection_kernel, validate
 from sparseformer.attention.correction import Branch, gate_values, kl_rows
 from sparseformer.attention.dense import LOG0, dense_attention
 from sparseformer.attention.pallas_kernel import fused_block_attention
@@ -133,7 +133,10 @@ def attend(
 
     branches: list[Branch] = []
     selection: Selection | None = None
-    if sel_cfg.enabled:
+    # A budget with room for more key blocks than there are computes them all: exact attention
+    # (the dense path below), e.g. a model trained with 8 blocks on an input of 4.
+    exact = budget_exceeds_keys(config, causal=causal, kv_len=S_pad)
+    if sel_cfg.enabled and not exact:
         b = sel_cfg.block_size
         kb, vb = to_blocks(kh, b), to_blocks(vh, b)
         kmask_b = kv_mask.reshape(B, S_pad // b, b) if padded else None
@@ -159,7 +162,7 @@ def attend(
 
     comp_state: Any = None
     exclude = selection if (corr.enabled and corr.exclusion and selection is not None) else None
-    if comp_cfg.enabled:
+    if comp_cfg.enabled and not exact:
         comp = COMPRESSIONS.get(comp_cfg.kind)
         branch, comp_state = comp.fn(
             q_used, kh, vh, kv_mask, q_pos=q_pos, causal=causal, config=config, params=params, rng=rng, sel=exclude
@@ -176,7 +179,7 @@ def attend(
         out = rule.fn(branches, gates)
 
     # causal global rows (the first blocks) already see their whole past through the window
-    global_rows = sel_cfg.enabled and sel_cfg.global_queries and not causal
+    global_rows = sel_cfg.enabled and sel_cfg.global_queries and not causal and not exact
     n_global_rows = sel_cfg.global_blocks * sel_cfg.block_size if global_rows else 0
     n_global_rows = min(n_global_rows, Tq)
     if n_global_rows and query_block is None:  # BigBird's global queries see every key
@@ -201,6 +204,9 @@ def attend(
     aux.update(captured=jnp.mean(captured_heads), captured_heads=captured_heads)
     if selection is not None:  # key blocks computed exactly per query block, on average (invalid slots cost nothing in a fused kernel)
         aux["slots"] = jnp.mean(jnp.sum(selection.valid, axis=-1, dtype=jnp.float32))
+    elif exact:  # every key block (causal: every block up to the query's own), on average
+        nq, nk = T_pad // sel_cfg.block_size, S_pad // sel_cfg.block_size
+        aux["slots"] = jnp.asarray((nq + 1) / 2 if causal else nk, jnp.float32)
 
     out = jnp.swapaxes(out[:, :, : (T if query_block is None else Tq)], 1, 2)
     return out.astype(q.dtype), aux

@@ -52,6 +52,30 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Keys added after runs were saved without them, with the value that reproduces how those runs
+# attended (not always today's default: causal choice used to come from the previous block).
+# `upgrade` fills them in when a saved run's config is read; add a line here with every new key.
+LEGACY_VALUES: dict[str, Any] = {
+    "selection.anchors": 1,
+    "selection.mass_threshold": 1.0,
+    "selection.causal_choice": "previous_block",
+    "selection.kernel": "auto",
+}
+
+
+def upgrade(config: ml_collections.ConfigDict) -> list[str]:
+    """Fill in place the keys of `LEGACY_VALUES` that a saved `model.attention` config lacks;
+    the dotted keys filled (a run saved before they existed attends as it was trained)."""
+    filled = []
+    for dotted, value in LEGACY_VALUES.items():
+        section, key = dotted.split(".")
+        if section in config and key not in config[section]:
+            with config.unlocked():
+                config[section][key] = value
+            filled.append(dotted)
+    return filled
+
+
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "selection.enabled": bool,
     "selection.block_size": int,
@@ -139,6 +163,25 @@ def block_multiple(config: ml_collections.ConfigDict, *, causal: bool = False) -
         elif kind == "nystrom":
             sizes.append(config.compression.rank)
     return math.lcm(*sizes)
+
+
+def budget_exceeds_keys(config: ml_collections.ConfigDict, *, causal: bool, kv_len: int) -> bool:
+    """Whether selection's budget holds more key blocks than a key length of `kv_len` has.
+
+    That is: more global blocks than key blocks, or more ranked and random blocks (`top_k +
+    random_blocks`) than are left after the window and the global blocks. Every key block then fits
+    the budget, so the call computes them all: exact attention (`attend` runs dense attention; a
+    budget covering everything equals dense). This is how a model trained with a budget of, say,
+    8 blocks runs inputs of fewer blocks. A budget that fits exactly is not "exceeding": there the
+    method runs as configured (its estimator and `mass_threshold` choose among all the blocks).
+    """
+    sel = config.selection
+    if not sel.enabled:
+        return False
+    nk = -(-int(kv_len) // sel.block_size)
+    width = sel.window + 1 if causal else 2 * sel.window + 1
+    available = max(0, nk - min(nk, width + sel.global_blocks))
+    return sel.global_blocks > nk or sel.top_k + sel.random_blocks > available
 
 
 def _check_known_keys(config: ml_collections.ConfigDict) -> None:
@@ -229,26 +272,10 @@ def validate(
     if causal and seq_len != kv_len:
         raise ValueError(f"{PREFIX}: causal attention needs equal query and key lengths, got {seq_len} and {kv_len}")
 
+    # Budgets are not refused: one larger than the key blocks computes them all (exact attention,
+    # see budget_exceeds_keys), which is how a model runs inputs shorter than its budget.
+    exact = budget_exceeds_keys(config, causal=causal, kv_len=kv_len)
     if sel.enabled:
-        nk = -(-kv_len // sel.block_size)
-        if sel.global_blocks > nk:
-            raise _err("selection.global_blocks", sel.global_blocks, f"at most the {nk} key blocks available")
-        if sel.top_k or sel.random_blocks:
-            width = sel.window + 1 if causal else 2 * sel.window + 1
-            available = max(0, nk - min(nk, width + sel.global_blocks))
-            for key in ("top_k", "random_blocks"):
-                if sel[key] > available:
-                    raise _err(
-                        f"selection.{key}",
-                        sel[key],
-                        f"at most {available}: {nk} key blocks minus the window and global blocks",
-                    )
-            if sel.top_k + sel.random_blocks > available:
-                raise _err(
-                    "selection.top_k",
-                    sel.top_k,
-                    f"top_k + random_blocks must be at most {available} (blocks left after window and global)",
-                )
         est = ESTIMATORS.get(sel.estimator)
         if sel.top_k and causal and not est.supports_causal:
             raise _err("selection.estimator", sel.estimator, f"causal calls need one of {_causal_names(ESTIMATORS)}")
@@ -263,7 +290,7 @@ def validate(
             raise _err("compression.kind", comp.kind, "does not support a padding mask")
         if c.fixed_length and max_len is not None and kv_len > max_len:
             raise _err("compression.kind", comp.kind, f"needs key length <= max_len={max_len}, got {kv_len}")
-        if comp.kind == "nystrom" and comp.rank > kv_len:
+        if comp.kind == "nystrom" and comp.rank > kv_len and not exact:
             raise _err("compression.rank", comp.rank, f"nystrom landmarks must be at most the length {kv_len}")
         if corr.enabled and corr.exclusion and sel.enabled:
             if not c.supports_exclusion:

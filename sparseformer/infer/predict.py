@@ -31,9 +31,9 @@ def _multiple(config: ml_collections.ConfigDict) -> int:
 
 def make_buckets(config: ml_collections.ConfigDict, *, smallest: int = SMALLEST_BUCKET) -> list[int]:
     """Bucket lengths for a model: `smallest` (rounded up to the attention's block multiple), doubled
-    until `max_len`, and `max_len`; lengths at which the attention cannot run are left out (e.g. a
-    top-k budget larger than the blocks a short bucket has), and a fixed-length compression
-    (Linformer) gets `max_len` alone. Every bucket is validated as a whole config at that length."""
+    until `max_len`, and `max_len`; lengths at which the attention cannot run are left out, and a
+    fixed-length compression (Linformer) gets `max_len` alone. A bucket with fewer key blocks than a
+    selection budget runs exact attention there (`attention.config.budget_exceeds_keys`). Every bucket is validated as a whole config at that length."""
     from sparseformer.attention import COMPRESSIONS
 
     max_len = int(config.model.max_len)

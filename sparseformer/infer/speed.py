@@ -46,7 +46,7 @@ PROGRAMS = ("latency", "decode")
 def attention_kernel(config: ml_collections.ConfigDict, length: int) -> str:
     """Which attention computation runs at `length`, per attention use of the model, e.g.
     `encoder self-attention: selection (scan) + pool`; uses that agree are listed once."""
-    from sparseformer.attention.config import block_multiple, selection_kernel
+    from sparseformer.attention.config import block_multiple, budget_exceeds_keys, selection_kernel
     from sparseformer.config import attention_uses
 
     sized = model_lib.sized_config(config, length)
@@ -56,11 +56,14 @@ def attention_kernel(config: ml_collections.ConfigDict, length: int) -> str:
         mult = block_multiple(att, causal=kw["causal"])
         S_pad = -(-S // mult) * mult
         bits = []
-        if att.selection.enabled:
-            head_dim = int(sized.model.emb_dim) // int(sized.model.num_heads)
-            bits.append(f"selection ({selection_kernel(att, S_pad, head_dim=head_dim)})")
-        if att.compression.enabled:
-            bits.append(att.compression.kind)
+        if budget_exceeds_keys(att, causal=kw["causal"], kv_len=S_pad):  # attend runs dense attention
+            bits.append(f"exact (the budget exceeds the {-(-S_pad // att.selection.block_size)} key blocks)")
+        else:
+            if att.selection.enabled:
+                head_dim = int(sized.model.emb_dim) // int(sized.model.num_heads)
+                bits.append(f"selection ({selection_kernel(att, S_pad, head_dim=head_dim)})")
+            if att.compression.enabled:
+                bits.append(att.compression.kind)
         name = " + ".join(bits) or "dense"
         parts.setdefault(name, []).append(what)
     if "cross_attention" in sized.model and sized.model.cross_attention == "dense":

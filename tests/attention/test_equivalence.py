@@ -215,3 +215,39 @@ def test_auto_kernel_switches_on_key_length():
     assert selection_kernel(c, AUTO_MASKED_MAX_KEYS + 64) == "scan"
     c.selection.kernel = "scan"
     assert selection_kernel(c, 64) == "scan"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", ["rsa", "bigbird", "nsa"])
+def test_budget_larger_than_the_keys_is_dense(qkv, mask, name, causal):
+    """A preset's own budget (rsa: 8 blocks) on an input of fewer blocks (64 tokens in blocks of 16: 4)
+    runs, and is exact attention: how a trained model runs inputs shorter than its budget."""
+    from sparseformer.attention import budget_exceeds_keys, validate
+
+    q, k, v = qkv
+    c = presets.get(name)
+    c.selection.block_size = B
+    c.compression.rank = 16
+    assert budget_exceeds_keys(c, causal=causal, kv_len=T)
+    validate(c, causal=causal, seq_len=T, padded=True)  # no refusal
+    km = None if causal else mask
+    out, aux = run(c, q, k, v, causal=causal, kv_mask=km, rng=jax.random.key(1))
+    assert rel_error(out, reference(q, k, v, causal=causal, kv_mask=km)) < TOL
+    assert float(aux["fidelity"]) == 0.0 and float(aux["captured"]) == 1.0
+    assert float(aux["slots"]) == ((T // B + 1) / 2 if causal else T // B)
+    if causal:  # cached decoding, block by block, is the same exact attention
+        params = init_params(c, jax.random.key(7), num_heads=q.shape[2], head_dim=q.shape[3], max_len=T)
+        step = jax.jit(lambda q, k, v, i: attend(q, k, v, c, params=params, causal=True, query_block=i)[0])
+        m = block_multiple(c, causal=True)
+        assert rel_error(jnp.concatenate([step(q, k, v, i) for i in range(T // m)], axis=1), out) < 1e-5
+
+
+def test_a_budget_that_fits_exactly_still_selects():
+    """Not exceeding: with room for exactly every block rsa runs its own selection (its mass threshold
+    may leave blocks to the pooled summary), so the short-input rule changes nothing at lengths that ran before."""
+    from sparseformer.attention import budget_exceeds_keys
+
+    c = presets.get("rsa")
+    c.selection.block_size = B
+    assert not budget_exceeds_keys(c, causal=False, kv_len=8 * B)  # own block + top-7 = 8 blocks
+    assert budget_exceeds_keys(c, causal=False, kv_len=7 * B)

@@ -3,6 +3,7 @@ every config of the standard sweeps validates."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,9 @@ BAD = [
     ({"model.num_kv_heads": 4, "model.num_heads": 2}, "model.num_kv_heads: 4 is not allowed; must divide model.num_heads=2"),
     ({"model.dropout_rate": 1.5}, "model.dropout_rate: 1.5 is not allowed; must be in [0, 1)"),
     ({"batch_size": 0}, "batch_size: 0 is not allowed; must be >= 1"),
-    ({"data.max_len": 100}, "model.attention.selection.top_k: 7 is not allowed"),
-    ({"model.attention.selection.top_k": 9}, "model.attention.selection.top_k: 9 is not allowed"),
+    # a top_k larger than the blocks there are is no longer refused: it computes every block (exact attention)
+    ({"model.attention.selection.top_k": -1}, "model.attention.selection.top_k: -1 is not allowed; must be >= 0"),
+    ({"model.attention.selection.mass_threshold": 1.5}, "model.attention.selection.mass_threshold: 1.5 is not allowed"),
     ({"model.attention.correction.gate": True, "model.attention.correction.enabled": False},
      "model.attention.correction.gate: True is not allowed; gates need correction.enabled=True"),
     ({"num_eval_batches": 0}, "num_eval_batches: 0 is not allowed"),
@@ -138,3 +140,26 @@ def test_bad_arguments(arg: str, message: str):
 
 def test_parse_arg_defaults():
     assert config_lib.parse_arg("") == {"attention": "rsa", "scale": "small", "seed": 0}
+
+
+def test_a_run_saved_before_new_attention_keys_loads_as_it_was_trained(tmp_path):
+    """`config.json` of a run saved before `anchors`, `mass_threshold`, `causal_choice` and `kernel`
+    existed: `load_config` fills the values it attended with (the causal choice was the previous
+    block's, not today's default), and the result validates."""
+    from sparseformer.attention import config as attention_config
+    from sparseformer.train.loop import config_to_dict, load_config
+
+    config = load("mqar").get_config("attention=rsa,scale=tiny")
+    saved = config_to_dict(config)
+    for dotted in attention_config.LEGACY_VALUES:
+        section, key = dotted.split(".")
+        del saved["model"]["attention"][section][key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_config(tmp_path)
+    sel = loaded.model.attention.selection
+    assert (sel.anchors, sel.mass_threshold, sel.causal_choice, sel.kernel) == (1, 1.0, "previous_block", "auto")
+    assert attention_config.default_config().selection.causal_choice != "previous_block"  # the fill is not the default
+    validate_config(loaded)
+    # a run saved with the keys keeps its own values
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
+    assert load_config(tmp_path).model.attention.selection.to_dict() == config.model.attention.selection.to_dict()

@@ -68,7 +68,7 @@ def test_buckets_match_padding_everything_to_max_len(runs, tmp_path):
     reaches its bucket's last block computes one earlier block exactly instead of its pooled summary
     (measured: up to 2e-5 here; the other inputs agree exactly)."""
     bucketed = predict_lib.load_backend(str(runs["listops"]))
-    assert bucketed.buckets == [64, 128]  # 32 tokens are 4 blocks of 8: too few for rsa's window + global + top-2
+    assert bucketed.buckets == [32, 64, 128]  # at 32 tokens (4 blocks of 8) rsa's budget of 6 covers all: exact
     padded = predict_lib.load_backend(str(runs["listops"]), buckets=[128])
     write_inputs(tmp_path / "in.jsonl", bucketed, 12, seed=1)
     a = runtime.predict_file(bucketed, str(tmp_path / "in.jsonl"), str(tmp_path / "a.jsonl"), batch_size=4, progress=False)
@@ -76,6 +76,57 @@ def test_buckets_match_padding_everything_to_max_len(runs, tmp_path):
     assert a.padded_tokens < b.padded_tokens
     for x, y in zip(read(tmp_path / "a.jsonl"), read(tmp_path / "b.jsonl")):
         np.testing.assert_allclose(x["probabilities"], y["probabilities"], atol=1e-4)
+
+
+def _dense_twin(m):
+    """The same parameters under dense attention (rsa's pool and lse merge add no parameters)."""
+    import copy
+
+    import ml_collections
+    from flax import nnx
+
+    from sparseformer.attention import presets
+    from sparseformer.infer import model as model_lib
+    from sparseformer.models import build_model
+
+    config = ml_collections.ConfigDict(copy.deepcopy(m.config.to_dict()))
+    config.model.attention = presets.get("dense")
+    with nnx.use_eager_sharding(False):
+        graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))), nnx.Param, ...)
+    return model_lib.Model(config, graphdef, m.params, m.extra, m.step)
+
+
+def test_inputs_shorter_than_the_budget_run_exactly(runs, tmp_path):
+    """rsa's budget here is 6 blocks of 8 (window 1, a global block, top-2): inputs of at most 32 tokens
+    (4 blocks) used to be refused; they now run in the 32 bucket, and their attention is exact: the
+    predictions equal dense attention's with the same parameters, and the batches reuse one program
+    per shape."""
+    rsa = predict_lib.load_backend(str(runs["listops"]))
+    dense = predict_lib.ModelBackend(_dense_twin(rsa.model), buckets=[32, 128])
+    assert rsa.buckets[0] == 32
+    rng = np.random.default_rng(5)
+    vocab = rsa.codec.vocab[:40]
+    lines = [{"input": " ".join(vocab[j] for j in rng.integers(0, len(vocab), int(n)))} for n in rng.integers(2, 33, 12)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    for backend, name in ((rsa, "rsa"), (dense, "dense")):
+        s = runtime.predict_file(backend, str(tmp_path / "in.jsonl"), str(tmp_path / f"{name}.jsonl"), batch_size=4,
+                                 progress=False)
+        assert s.batches == 3 and s.padded_tokens == 12 * 32  # every batch in the 32 bucket
+    assert set(rsa.compiled) == {((4, 32), (4, 32))}  # three batches, one program
+    for a, b in zip(read(tmp_path / "rsa.jsonl"), read(tmp_path / "dense.jsonl")):
+        np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-5)
+    # and not what rsa's sparse attention computes at its full length with real keys past the budget:
+    # the same model at 128 tokens still selects (16 blocks > 6)
+    from sparseformer.infer.speed import attention_kernel
+
+    assert attention_kernel(rsa.model.config, 32).endswith("exact (the budget exceeds the 4 key blocks)")
+    assert "selection" in attention_kernel(rsa.model.config, 128)
+
+
+def test_batches_are_full_and_padded_to_their_longest_members_bucket():
+    items = [runtime.Item(i, i + 1, {}, [[5] * n]) for i, n in enumerate([70, 3, 40, 33, 31, 100, 2, 65, 30])]
+    got = runtime.plan(items, [32, 64, 128], 4)
+    assert [(b, [it.length for it in g]) for b, g in got] == [(32, [2, 3, 30, 31]), (128, [33, 40, 65, 70]), (128, [100])]
 
 
 def test_bucket_choice():
@@ -100,7 +151,7 @@ def test_no_recompilation_per_batch(runs, tmp_path):
     second = runtime.predict_file(backend, str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), batch_size=4,
                                   window=16, progress=False)
     assert first.batches == second.batches >= 10
-    assert 1 <= len(backend.compiled) <= 2 * 3  # 2 buckets x rows 1, 2, 4
+    assert 1 <= len(backend.compiled) <= 3 * 3  # 3 buckets x rows 1, 2, 4
     assert n_first <= len(backend.compiled) and len(lowered) == n_first
 
 

@@ -47,7 +47,8 @@ def test_lm_decoding_step_and_trained_params():
         measure_model(config, length=128, params=params, rss=False)
 
 
-def test_a_length_the_attention_refuses_names_the_key():
-    config = _config("listops", "rsa")  # blocks of 16: 32 tokens leave no room for top-4
-    with pytest.raises(ValueError, match="model.attention.selection.top_k"):
-        attention_kernel(config, 32)
+def test_a_length_shorter_than_the_budget_is_exact_and_a_refused_one_names_the_key():
+    config = _config("listops", "rsa")  # blocks of 16: 32 tokens are 2 blocks, fewer than rsa's budget
+    assert attention_kernel(config, 32) == "encoder self-attention: exact (the budget exceeds the 2 key blocks)"
+    with pytest.raises(ValueError, match="model.attention.selection.block_size: query length 36 is not a multiple of 16"):
+        attention_kernel(_config("mqar", "rsa"), 36)  # causal, no padding mask: lengths must be whole blocks
