@@ -81,3 +81,16 @@ def test_missing_configs_are_reported(tmp_path, capsys):
     assert main(_experiment("table3_ablation"), [f"--config_dir={tmp_path}", "--dry_run"]) == 2
     assert "listops: config file" in capsys.readouterr().err
     assert main(_experiment("table1_tasks"), [f"--config_dir={tmp_path}"]) == 2
+
+
+def test_estimators_small_blocks_bench(capsys):
+    """experiments/estimators_small_blocks.py: an error per input kind, block size and estimator."""
+    spec = importlib.util.spec_from_file_location("esb", ROOT / "experiments" / "estimators_small_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["bench", "--length=512", "--block_sizes=8", "--estimators=maxkey,bound"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from sparseformer.bench.inputs import INPUT_KINDS
+
+    assert set(out) == {f"{kind} b8 {est}" for kind in INPUT_KINDS for est in ("maxkey", "bound")}
+    assert all(0.0 <= e < 2.0 for e in out.values())
