@@ -33,7 +33,8 @@ def make_buckets(config: ml_collections.ConfigDict, *, smallest: int = SMALLEST_
     """Bucket lengths for a model: `smallest` (rounded up to the attention's block multiple), doubled
     until `max_len`, and `max_len`; lengths at which the attention cannot run are left out, and a
     fixed-length compression (Linformer) gets `max_len` alone. A bucket with fewer key blocks than a
-    selection budget runs exact attention there (`attention.config.budget_exceeds_keys`). Every bucket is validated as a whole config at that length."""
+    selection budget runs exact attention there (`attention.config.budget_exceeds_keys`). Every bucket
+    is validated as a whole config at that length."""
     from sparseformer.attention import COMPRESSIONS
 
     max_len = int(config.model.max_len)
