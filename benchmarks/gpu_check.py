@@ -26,26 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer.attention import pallas_kernel
-from sparseformer.attention.selection import Selection, block_sparse_attention, to_blocks
-
-
-def _selection(rng, *, B, Hk, G, n, K, b, causal, row_starts):
-    idx = rng.integers(0, n, size=(B, Hk, n, K))
-    if causal:
-        idx = np.minimum(idx, np.arange(n)[:, None])
-    idx[..., 0] = np.arange(n)
-    idx[..., 1] = 0
-    valid = rng.random(idx.shape) < 0.85
-    valid[..., 0] = True
-    for j in range(1, K):
-        valid[..., j] &= ~np.any((idx[..., :j] == idx[..., j : j + 1]) & valid[..., :j], -1)
-    start = None
-    if row_starts:
-        start = rng.integers(0, b, size=idx.shape)
-        start[..., 0] = 0
-    rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, G, axis=1), jnp.int32)  # noqa: E731
-    return Selection(idx=rep(idx), valid=jnp.asarray(np.repeat(valid, G, axis=1)), qids=jnp.arange(n),
-                     block_size=b, num_key_blocks=n, row_start=rep(start), group=G)
+from sparseformer.attention.kernel_check import random_selection, scan_block_attention
+from sparseformer.attention.selection import Selection
 
 
 def _rel(a, b) -> float:
@@ -63,17 +45,13 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, seed=0):
     w_out = jax.random.normal(keys[3], (B, H, T, D))
     w_lse = jax.random.normal(keys[4], (B, H, T))
     kv_mask = jnp.ones((B, T), bool).at[0, T - b // 2 :].set(False) if padding else None
-    sel = _selection(rng, B=B, Hk=Hk, G=G, n=n, K=8, b=b, causal=causal, row_starts=row_starts)
+    sel = random_selection(rng, B=B, Hk=Hk, G=G, n=n, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
 
     def fused(q, k, v):
         return pallas_kernel.fused_block_attention(causal, q, k, v, sel, kv_mask)
 
     def scan(q, k, v):
-        kr, vr = jnp.repeat(k, G, axis=1), jnp.repeat(v, G, axis=1)
-        kmask_b = None if kv_mask is None else kv_mask.reshape(B, n, b)
-        out, lse = block_sparse_attention(causal, to_blocks(q, b), to_blocks(kr, b), to_blocks(vr, b),
-                                          sel.idx, sel.valid, sel.row_start, kmask_b, sel.qids)
-        return out.reshape(B, H, T, D), lse.reshape(B, H, T)
+        return scan_block_attention(causal, q, k, v, sel, kv_mask)
 
     def grads(fn):
         def loss(q, k, v):

@@ -8,29 +8,15 @@ import pytest
 
 from sparseformer.attention import attend, block_multiple, init_params, pallas_kernel, presets
 from sparseformer.attention.config import selection_kernel
-from sparseformer.attention.selection import Selection, block_sparse_attention, choose_blocks, to_blocks
+from sparseformer.attention.kernel_check import random_selection, scan_block_attention
+from sparseformer.attention.selection import choose_blocks, to_blocks
 from tests.attention.helpers import random_qkv, rel_error
 
 
 def _selection(key, *, B, H, G, n, b, causal, row_starts):
     """A random selection with repeats, invalid slots and (optionally) row starts; one per group."""
-    rng = np.random.default_rng(key)
-    Hk, K = H // G, 6
-    idx = rng.integers(0, n, size=(B, Hk, n, K))
-    if causal:
-        idx = np.minimum(idx, np.arange(n)[:, None])
-    idx[..., 0] = np.arange(n)  # the diagonal block
-    idx[..., 1] = 0  # a global block: every query block chose it (a long inverted list)
-    valid = rng.random(idx.shape) < 0.8
-    valid[..., 0] = True
-    for j in range(1, K):  # distinct blocks only
-        valid[..., j] &= ~np.any((idx[..., :j] == idx[..., j : j + 1]) & valid[..., :j], -1)
-    start = rng.integers(0, b, size=idx.shape) if row_starts else None
-    if row_starts:
-        start[..., 0] = 0
-    rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, G, axis=1), jnp.int32)  # noqa: E731
-    return Selection(idx=rep(idx), valid=jnp.asarray(np.repeat(valid, G, axis=1)), qids=jnp.arange(n),
-                     block_size=b, num_key_blocks=n, row_start=rep(start), group=G)
+    return random_selection(np.random.default_rng(key), B=B, Hk=H // G, G=G, n=n, K=6, b=b, causal=causal,
+                            row_starts=row_starts, p_valid=0.8)
 
 
 CASES = {
@@ -60,11 +46,7 @@ def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case):
         return out, lse
 
     def scan(qh, kh, vh):
-        kr, vr = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
-        kmask_b = None if kv_mask is None else kv_mask.reshape(B, n, b)
-        out, lse = block_sparse_attention(causal, to_blocks(qh, b), to_blocks(kr, b), to_blocks(vr, b),
-                                          sel.idx, sel.valid, sel.row_start, kmask_b, sel.qids)
-        return out.reshape(B, H, T, D), lse.reshape(B, H, T)
+        return scan_block_attention(causal, qh, kh, vh, sel, kv_mask)
 
     results = {}
     for name, fn in (("fused", fused), ("scan", scan)):
