@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from sparseformer import attention as attention_lib
+from sparseformer.attention import config as attention_config
 from sparseformer.attention import presets
 from sparseformer.models.encoder import POOLINGS
 from sparseformer.sweep import expand
@@ -326,11 +327,9 @@ def _budget_fits(att: ml_collections.ConfigDict, *, causal: bool, kv_len: int) -
     if not attention_lib.budget_exceeds_keys(att, causal=causal, kv_len=kv_len):
         return
     sel = att.selection
-    nk = -(-int(kv_len) // sel.block_size)
+    nk, available = attention_config.key_blocks_left(att, causal=causal, kv_len=kv_len)
     if sel.global_blocks > nk:
         raise _fail("model.attention.selection.global_blocks", sel.global_blocks, f"at most the {nk} key blocks there are")
-    width = sel.window + 1 if causal else 2 * sel.window + 1
-    available = max(0, nk - min(nk, width + sel.global_blocks))
     raise _fail("model.attention.selection.top_k", sel.top_k,
                 f"top_k + random_blocks ({sel.top_k} + {sel.random_blocks}) must be at most {available}, the {nk} key "
                 "blocks minus the window and global blocks (more computes every block: dense attention)")

@@ -178,10 +178,17 @@ def budget_exceeds_keys(config: ml_collections.ConfigDict, *, causal: bool, kv_l
     sel = config.selection
     if not sel.enabled:
         return False
+    nk, available = key_blocks_left(config, causal=causal, kv_len=kv_len)
+    return sel.global_blocks > nk or sel.top_k + sel.random_blocks > available
+
+
+def key_blocks_left(config: ml_collections.ConfigDict, *, causal: bool, kv_len: int) -> tuple[int, int]:
+    """`(key blocks, those left after the window and the global blocks)` at a key length of
+    `kv_len`: what `top_k + random_blocks` choose from."""
+    sel = config.selection
     nk = -(-int(kv_len) // sel.block_size)
     width = sel.window + 1 if causal else 2 * sel.window + 1
-    available = max(0, nk - min(nk, width + sel.global_blocks))
-    return sel.global_blocks > nk or sel.top_k + sel.random_blocks > available
+    return nk, max(0, nk - min(nk, width + sel.global_blocks))
 
 
 def _check_known_keys(config: ml_collections.ConfigDict) -> None:
