@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from sparseformer.attention.config import pool_block_size
+from sparseformer.attention.config import budget_exceeds_keys, pool_block_size
 from sparseformer.attention.registry import COMPRESSIONS, ESTIMATORS
 
 
 def slots_per_query_block(config: ml_collections.ConfigDict, *, num_key_blocks: int, causal: bool) -> int:
-    """Static number of key blocks each query block computes (invalid slots included)."""
+    """Static number of key blocks each query block computes (invalid slots included); every key
+    block where the budget exceeds them (`attend` computes exact attention there)."""
     sel = config.selection
+    if budget_exceeds_keys(config, causal=causal, kv_len=num_key_blocks * sel.block_size):
+        return num_key_blocks
     if sel.window >= num_key_blocks - 1:
         static = num_key_blocks
     else:
@@ -73,8 +76,11 @@ def flops(
     sel, comp, corr = config.selection, config.compression, config.correction
     out = {"exact": 0, "estimator": 0, "compression": 0, "correction": 0}
     uncounted: list[str] = []
-    if not sel.enabled and not comp.enabled:
+    # dense attention, or a budget with more key blocks than there are (attend computes them all)
+    if (not sel.enabled and not comp.enabled) or budget_exceeds_keys(config, causal=causal, kv_len=S):
         out["exact"] = 4 * B * H * T * S * D
+        out["total"] = out["exact"]
+        return out
     K = 0
     if sel.enabled:
         b = sel.block_size

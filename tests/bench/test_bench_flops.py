@@ -63,3 +63,15 @@ def test_harness_uses_the_attention_count() -> None:
     m = methods.build("rsa", methods.Shape(B, T, H, D))
     got, _ = _count("rsa", False)
     assert m.flops["exact"] == got["exact"] and m.flops["total"] == got["total"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_budget_past_the_key_blocks_counts_dense_attention(causal: bool) -> None:
+    """Where rsa's 8-block budget exceeds the 4 key blocks, `attend` computes them all with dense
+    attention (no estimate, no compressed branch): the count is dense's, and every block a slot."""
+    config = attention.presets.get("rsa")
+    L = 4 * config.selection.block_size
+    got = attention.flops(config, batch=B, q_len=L, kv_len=L, heads=H, head_dim=D, causal=causal)
+    assert got == {"exact": 4 * B * H * L * L * D, "estimator": 0, "compression": 0, "correction": 0,
+                   "total": 4 * B * H * L * L * D}
+    assert attention.slots_per_query_block(config, num_key_blocks=4, causal=causal) == 4
