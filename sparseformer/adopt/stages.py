@@ -124,15 +124,18 @@ def probe(rt: Any, state: Any, sample: int) -> dict[str, Any]:
     return probe_stats(rt, state, rt.pipeline("test"), max_examples=sample)
 
 
+# what the report keeps of a speed measurement (`infer.speed.measure_model`'s keys)
+SPEED_KEYS = ("length", "kernel", "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "best_batch_size",
+              "throughput_by_batch", "compiled_bytes", "peak_rss_bytes", "peak_device_bytes")
+
+
 def speed(config: ml_collections.ConfigDict, length: int, options: AdoptOptions, params: Any = None) -> dict[str, Any]:
     """`infer.speed.measure_model` (latency, throughput, compiled and fresh-process memory)."""
     from sparseformer.infer.speed import measure_model
 
     r = measure_model(config, length=length, batch_sizes=options.batch_sizes, params=params, repeats=options.repeats,
                       rss=options.rss, decode=False)
-    keep = ("length", "kernel", "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "best_batch_size",
-            "throughput_by_batch", "compiled_bytes", "peak_rss_bytes", "peak_device_bytes", "num_params", "backend")
-    return {k: r.get(k) for k in keep}
+    return {k: r.get(k) for k in (*SPEED_KEYS, "num_params", "backend")}
 
 
 def ratios(dense: dict[str, Any], sparse: dict[str, Any]) -> dict[str, float | None]:
@@ -298,9 +301,7 @@ class Adoption:
         bench = run_benchmark([str(self.teacher_dir), adopted], lengths=self.lengths(),
                               batch_sizes=self.o.batch_sizes, repeats=self.o.repeats, rss=self.o.rss,
                               progress=lambda m: self.log(f"stage3: {m.strip()}"))
-        keep = ("length", "kernel", "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "best_batch_size",
-                "throughput_by_batch", "compiled_bytes", "peak_rss_bytes", "peak_device_bytes", "skipped", "error")
-        by = {(r["run"], r["length"]): {k: r.get(k) for k in keep} for r in bench["results"]}
+        by = {(r["run"], r["length"]): {k: r.get(k) for k in (*SPEED_KEYS, "skipped", "error")} for r in bench["results"]}
         rows = []
         for length in [self.length, *self.lengths()]:
             d, s = by.get((str(self.teacher_dir), length)), by.get((adopted, length))
