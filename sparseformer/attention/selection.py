@@ -247,13 +247,19 @@ def anchor_scores(est, q_est, kb, kmask_b, allowed, *, cfg, rng, qids) -> jax.Ar
     mean query of the whole block would blur them. Row-local: query block i's scores depend
     only on its own rows.
     """
-    B, H, n, b, D = q_est.shape
-    p = min(cfg.anchors, b)
+    p = min(cfg.anchors, q_est.shape[3])
     if p == 1:
         return est(q_est, kb, kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
-    q_sub = q_est.reshape(B, H, n * p, b // p, D)
+    return jnp.max(sub_block_scores(est, q_est, p, kb, kmask_b, allowed, cfg=cfg, rng=rng, qids=qids), axis=3)
+
+
+def sub_block_scores(est, q_est, p, kb, kmask_b, allowed, *, cfg, rng, qids) -> jax.Array:
+    """Scores `[B, H, n, p, m]`: each query block's `r` rows cut into `p` equal sub-blocks, each
+    scored by `est` as a query block of its own (same `allowed` and `qids` as its block)."""
+    B, H, n, r, D = q_est.shape
+    q_sub = q_est.reshape(B, H, n * p, r // p, D)
     scores = est(q_sub, kb, kmask_b, jnp.repeat(allowed, p, axis=0), cfg=cfg, rng=rng, qids=jnp.repeat(qids, p))
-    return jnp.max(scores.reshape(B, H, n, p, -1), axis=3)
+    return scores.reshape(B, H, n, p, -1)
 
 
 def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -327,10 +333,8 @@ def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, 
             scores = anchor_scores(est, sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
             scores_P = sg(scores)[..., None]
         else:  # one single-query anchor per row offset, scored apart
-            P = len(rows)
-            q_a = sg(q_est).reshape(B, H, n * P, 1, q_est.shape[-1])
-            scores = est(q_a, sg(kb), kmask_b, jnp.repeat(allowed, P, 0), cfg=cfg, rng=rng, qids=jnp.repeat(qids, P))
-            scores_P = jnp.moveaxis(sg(scores).reshape(B, H, n, P, m), 3, 4)
+            scores = sub_block_scores(est, sg(q_est), len(rows), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
+            scores_P = jnp.moveaxis(sg(scores), 3, 4)
         if group > 1:  # a group's heads share one choice: the blocks their masses favour together
             scores_P = jax.nn.logsumexp(scores_P.reshape(B, Hk, group, n, m, -1), axis=2)
         # causal: shares are estimated over the blocks strictly before the query block, since
