@@ -55,23 +55,44 @@ LIST_PIECE = 16
 # Rows x head dim of one program's query tile at most (the accumulator lives in registers).
 MAX_TILE_ELEMENTS = 128 * 128
 
-_COMPILE_FOR_GPU: contextvars.ContextVar[bool] = contextvars.ContextVar("sparseformer_pallas_gpu", default=False)
+# (kernel family, interpret) forced by `compile_for_gpu`, `compile_for_tpu` or `tpu_interpret`.
+_TARGET: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("sparseformer_pallas", default=None)
 
 
 @contextlib.contextmanager
-def compile_for_gpu():
-    """Lower the kernel for the GPU even when the default backend is the CPU (no interpret mode):
-    for `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a machine without a GPU."""
-    token = _COMPILE_FOR_GPU.set(True)
+def _target(family: str, interpret: bool):
+    token = _TARGET.set((family, interpret))
     try:
         yield
     finally:
-        _COMPILE_FOR_GPU.reset(token)
+        _TARGET.reset(token)
 
 
-def interpret_mode() -> bool:
-    """Whether `pallas_call` runs interpreted: on any backend but a GPU, unless `compile_for_gpu()`."""
-    return not _COMPILE_FOR_GPU.get() and jax.default_backend() != "gpu"
+def compile_for_gpu():
+    """Lower the kernel for the GPU even when the default backend is the CPU (no interpret mode):
+    for `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a machine without a GPU."""
+    return _target("triton", False)
+
+
+def compile_for_tpu():
+    """Lower the TPU kernel (`pallas_tpu`) on a machine without a TPU:
+    for `jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`."""
+    return _target("tpu", False)
+
+
+def tpu_interpret():
+    """Run the TPU kernel in Pallas' TPU interpret mode (on a CPU: for tests)."""
+    return _target("tpu", True)
+
+
+def kernel_target() -> tuple[str, bool]:
+    """(`"triton"` or `"tpu"`, interpret): the TPU kernel on a TPU, the Triton one compiled on a
+    GPU and interpreted elsewhere, unless a context above says otherwise."""
+    forced = _TARGET.get()
+    if forced is not None:
+        return forced
+    backend = jax.default_backend()
+    return ("tpu", False) if backend == "tpu" else ("triton", backend != "gpu")
 
 
 def _next_pow2(x: int) -> int:
@@ -101,6 +122,7 @@ class Plan:
     has_start: bool
     has_mask: bool
     interpret: bool
+    tpu: bool = False  # the Mosaic TPU kernels of `pallas_tpu` instead of the Triton ones
 
     @property
     def rows(self) -> int:
@@ -115,6 +137,7 @@ class Plan:
 
 def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mask: bool) -> Plan:
     group = selection.group
+    family, interpret = kernel_target()
     hp = 1
     while hp * 2 <= group and group % (hp * 2) == 0 and 2 * hp * selection.block_size * head_dim <= MAX_TILE_ELEMENTS:
         hp *= 2
@@ -128,7 +151,8 @@ def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mas
         num_key_blocks=selection.num_key_blocks,
         has_start=selection.row_start is not None,
         has_mask=has_mask,
-        interpret=interpret_mode(),
+        interpret=interpret,
+        tpu=family == "tpu",
     )
 
 
@@ -230,7 +254,7 @@ def _pair_mask(plan: Plan, qid, blk, start, kmask_ref_or_block):
     """Allowed pairs of a `[rows, b]` tile (None when all are), for query block `qid` against key
     block `blk`; `kmask` is the key block's `[b]` mask (a ref slice or a loaded block)."""
     b, rows = plan.block, plan.rows
-    r = lax.broadcasted_iota(jnp.int32, (rows, b), 0) % b
+    r = lax.rem(lax.broadcasted_iota(jnp.int32, (rows, b), 0), b)  # lax.rem: Mosaic TPU has no floor-mod
     c = lax.broadcasted_iota(jnp.int32, (rows, b), 1)
     mask = None
 
@@ -242,7 +266,8 @@ def _pair_mask(plan: Plan, qid, blk, start, kmask_ref_or_block):
     if plan.has_start:
         mask = both(mask, r >= start)
     if plan.has_mask:
-        mask = both(mask, (kmask_ref_or_block != 0)[None, :])
+        kmask = kmask_ref_or_block != 0
+        mask = both(mask, kmask if kmask.ndim == 2 else kmask[None, :])  # [1, b] on a TPU
     return mask
 
 
@@ -463,20 +488,30 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
-    return _forward(plan, qg, k, v, meta, kmask)
+    return _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask)[0]
 
 
 def _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
-    out, lse = _forward(plan, qg, k, v, meta, kmask)
+    if plan.tpu:
+        from sparseformer.attention import pallas_tpu
+
+        out, lse = pallas_tpu.forward(plan, qg, k, v, meta, kmask)
+    else:
+        out, lse = _forward(plan, qg, k, v, meta, kmask)
     return (out, lse), (qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse)
 
 
 def _fused_bwd(plan, res, cts):
     qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
-    d_out, d_lse = cts
-    pieces, entries = inverted_lists(plan, idx, valid, row_start)
-    dq, dk, dv = _backward(plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse,
-                           d_out.astype(jnp.float32), d_lse.astype(jnp.float32))
+    d_out, d_lse = (x.astype(jnp.float32) for x in cts)
+    if plan.tpu:
+        from sparseformer.attention import pallas_tpu
+
+        dq, dk, dv = pallas_tpu.backward(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse,
+                                         d_out, d_lse)
+    else:
+        pieces, entries = inverted_lists(plan, idx, valid, row_start)
+        dq, dk, dv = _backward(plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse)
     return (dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
 
 
@@ -512,7 +547,16 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
     meta = forward_lists(plan, idx, valid, row_start, selection.qids)
     # [B, H, T, D] = [B, Hk, R, hp, n, b, D] -> [B, Hk, R, n * hp * b, D]: a tile is hp heads of one block
     qg = q_BHTD.reshape(B, Hk, R, hp, n, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, Hk, R, n * hp * b, D)
-    kmask = None if kv_mask is None else kv_mask.astype(jnp.int32)
+    if kv_mask is None:
+        kmask = None
+    elif plan.tpu:
+        from sparseformer.attention.pallas_tpu import key_mask
+
+        kmask = key_mask(kv_mask, b)
+    else:
+        kmask = kv_mask.astype(jnp.int32)
+    if plan.tpu and q_BHTD.dtype == jnp.float16:
+        raise ValueError("model.attention.selection.kernel: 'pallas' on a TPU takes float32 or bfloat16, not float16")
     out, lse = _fused(plan, qg, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)
     out = out.reshape(B, Hk, R, n, hp, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, H, T, D)
     lse = lse.reshape(B, Hk, R, n, hp, b).transpose(0, 1, 2, 4, 3, 5).reshape(B, H, T)

@@ -1,12 +1,15 @@
 """The fused Pallas kernel: equal to the `scan` kernel (interpret mode on this CPU), and it lowers
-for the GPU (shape and tiling errors show here, before a GPU is lent)."""
+for the GPU (shape and tiling errors show here, before a GPU is lent). The TPU variant
+(`pallas_tpu`) the same, in TPU interpret mode and lowered for `tpu`."""
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparseformer.attention import attend, block_multiple, init_params, pallas_kernel, presets
+from sparseformer.attention import attend, block_multiple, init_params, pallas_kernel, pallas_tpu, presets
 from sparseformer.attention.config import selection_kernel
 from sparseformer.attention.kernel_check import random_selection, scan_block_attention
 from sparseformer.attention.selection import choose_blocks, to_blocks
@@ -27,11 +30,17 @@ CASES = {
 }
 
 
+# the Triton kernel interpreted (the default on a CPU), the Mosaic TPU kernel in TPU interpret mode
+TARGETS = {"triton": contextlib.nullcontext, "tpu": pallas_kernel.tpu_interpret}
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case):
+def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case, target):
     causal, dtype, b, G, padding, row_starts = CASES[case]
     monkeypatch.setattr(pallas_kernel, "LIST_PIECE", 2)  # long inverted lists in pieces, summed in order
     monkeypatch.setattr(pallas_kernel, "MAX_TILE_ELEMENTS", 2 * b * 16)  # 2 heads a tile: groups span tiles
+    monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET", 448)  # TPU: lists of 1-2 (batch, kv head) pairs per call
     B, H, n, D = 2, 4, 4, 16
     T = n * b
     q, k, v = (x.astype(dtype) for x in random_qkv(jax.random.key(0), B=B, T=T, H=H, D=D, scale=1.0))
@@ -55,7 +64,8 @@ def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case):
             keep = lse > -1e29  # rows with nothing allowed carry no log-sum-exp gradient
             return jnp.sum(out * w_out) + jnp.sum(jnp.where(keep, lse, 0.0) * w_lse), (out, lse)
 
-        results[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(qh, kh, vh)
+        with TARGETS[target]():
+            results[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(qh, kh, vh)
     (_, (out_f, lse_f)), g_f = results["fused"]
     (_, (out_s, lse_s)), g_s = results["scan"]
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -83,16 +93,56 @@ def test_unused_slots_are_not_visited():
             np.testing.assert_array_equal(meta[0, h, i, 2 + K : 2 + K + count], start[0, h, i][valid[0, h, i]])
 
 
-def test_attend_with_the_fused_kernel_decodes_as_the_full_pass():
+def test_tpu_lists_too_large_for_scalar_memory_are_refused(monkeypatch):
+    monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET", 64)
+    q, k, v = random_qkv(jax.random.key(0), T=128, D=16)
+    c = presets.get("local")
+    c.selection.update(block_size=16, kernel="pallas")
+    with pallas_kernel.tpu_interpret(), pytest.raises(ValueError, match="selection.kernel: 'pallas' on a TPU .* scalar"):
+        attend(q, k, v, c)
+
+
+def test_the_tpu_walk_visits_each_key_block_once_then_its_query_blocks_in_order():
+    """dk/dv on a TPU: a key block's gradient is zeroed by its sentinel step, then every query
+    block that chose it adds to it in ascending order (deterministic); unused slots come last and
+    compute nothing; a step that computes nothing keeps the previous query tile (no fetch)."""
+    sel = _selection(3, B=2, H=2, G=1, n=5, b=16, causal=False, row_starts=True)
+    plan = pallas_kernel.make_plan(False, sel, num_heads=2, head_dim=16, has_mask=False)
+    walk = np.asarray(pallas_tpu.dkv_walk(plan, sel.idx, sel.valid, sel.row_start))
+    idx, valid, start = (np.asarray(x) for x in (sel.idx, sel.valid, sel.row_start))
+    n, K, m = 5, idx.shape[-1], sel.num_key_blocks
+    assert walk.shape == (2, 2, m + n * K, pallas_tpu.WALK_FIELDS)
+    for bb in range(2):
+        for h in range(2):
+            blk, qi, kind, st = walk[bb, h].T
+            expected = []  # (kind, block, query block, row start) in walk order
+            for j in range(m):
+                expected.append((pallas_tpu.SENTINEL, j))
+                for i in range(n):
+                    for s in range(K):
+                        if valid[bb, h, i, s] and idx[bb, h, i, s] == j:
+                            expected.append((pallas_tpu.ENTRY, j, i, start[bb, h, i, s]))
+            used = len(expected)
+            assert [(kind[t], blk[t]) + ((qi[t], st[t]) if kind[t] == pallas_tpu.ENTRY else ())
+                    for t in range(used)] == expected
+            assert np.all(kind[used:] == pallas_tpu.UNUSED) and np.all(blk[used:] == m - 1)
+            for t in range(1, len(kind)):
+                if kind[t] != pallas_tpu.ENTRY:
+                    assert qi[t] == qi[t - 1]
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_attend_with_the_fused_kernel_decodes_as_the_full_pass(target):
     q, k, v = random_qkv(jax.random.key(5), T=128, H=4, D=16)
     k, v = k[:, :, :2], v[:, :, :2]
     c = presets.get("rsa")
     c.selection.update(block_size=16, kernel="pallas", top_k=2)
     params = init_params(c, jax.random.key(7), num_heads=4, head_dim=16, max_len=128)
-    full = jax.jit(lambda q, k, v: attend(q, k, v, c, params=params, causal=True)[0])(q, k, v)
     step = jax.jit(lambda q, k, v, i: attend(q, k, v, c, params=params, causal=True, query_block=i)[0])
     m = block_multiple(c, causal=True)
-    blocks = [step(q, k, v, i) for i in range(128 // m)]
+    with TARGETS[target]():
+        full = jax.jit(lambda q, k, v: attend(q, k, v, c, params=params, causal=True)[0])(q, k, v)
+        blocks = [step(q, k, v, i) for i in range(128 // m)]
     assert rel_error(jnp.concatenate(blocks, axis=1), full) < 1e-5
     c_scan = presets.get("rsa")
     c_scan.selection.update(block_size=16, kernel="scan", top_k=2)
@@ -118,6 +168,32 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
     # forward, dq, dk/dv and the two in-order sums of the dk/dv pieces
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 5
+
+
+@pytest.mark.parametrize("block,head_dim,causal,padding,heads", [
+    (64, 64, True, False, (8, 4)), (64, 128, False, True, (8, 4)), (128, 64, False, False, (16, 1)),
+    (128, 128, True, True, (8, 8)),
+])
+def test_forward_backward_lowers_for_the_tpu(block, head_dim, causal, padding, heads):
+    """The Mosaic TPU kernels (forward, dq, dk/dv) lower for `tpu` on this CPU, with scalar
+    prefetch, key padding and groups of query heads that span tiles ((16, 1) at block 128)."""
+    T, (H, Hk) = 4096, heads
+    q = jax.ShapeDtypeStruct((1, T, H, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, T, Hk, head_dim), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((1, T), jnp.bool_) if padding else None
+    c = presets.get("rsa")
+    c.selection.update(block_size=block, kernel="pallas")
+
+    def loss(q, k, v, mask):
+        out, aux = attend(q, k, v, c, causal=causal, kv_mask=mask, rng=jax.random.key(0))
+        return jnp.sum(out.astype(jnp.float32)) + aux["aux_loss"]
+
+    with pallas_kernel.compile_for_tpu():
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, mask).lower(lowering_platforms=("tpu",))
+    text = lowered.as_text()
+    for name in ("fwd", "dq", "dkv"):
+        assert f"sparseformer_block_sparse_{name}_tpu" in text
+    assert text.count("tpu_custom_call") == 3
 
 
 def test_auto_takes_the_fused_kernel_on_a_gpu_only():
