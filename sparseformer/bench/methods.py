@@ -112,8 +112,21 @@ def _exact_only(config: Any) -> Any:
     return config
 
 
-VARIANTS: dict[str, Callable[[Any], Any]] = {"exact": _exact_only}
-"""`PRESET/VARIANT` -> how the variant changes the preset's config."""
+def _kernel(kernel: str) -> Callable[[Any], Any]:
+    def force(config: Any) -> Any:
+        """The preset with its exact part on one kernel (the others give the same result)."""
+        config.selection.kernel = kernel
+        return config
+
+    return force
+
+
+VARIANTS: dict[str, Callable[[Any], Any]] = {
+    "exact": _exact_only, **{kernel: _kernel(kernel) for kernel in ("scan", "masked", "pallas")},
+}
+"""`PRESET/VARIANT` -> how the variant changes the preset's config: `exact` the selection alone;
+`scan`, `masked`, `pallas` the exact part on that kernel (`auto` otherwise), e.g. to time the fused
+kernel against the one it replaces in one run."""
 
 
 def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:

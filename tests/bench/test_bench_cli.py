@@ -137,7 +137,7 @@ def test_fresh_process_probe_reports_growth() -> None:
 def test_compile_only_records_memory_and_kernels_without_running(tmp_path) -> None:
     """`--compile-only` gives the memory table at lengths that do not run; each record names the
     exact part's kernel; `PRESET/exact` is the selection alone; `dense_pallas` is a GPU baseline."""
-    argv = ["--presets=dense,rsa,rsa/exact,dense_pallas", "--lengths=512", "--compile-only", f"--out={tmp_path}"]
+    argv = ["--presets=dense,rsa,rsa/exact,rsa/scan,dense_pallas", "--lengths=512", "--compile-only", f"--out={tmp_path}"]
     assert cli.bench_main(argv) == 0
     bench = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["preset"], r["pass"]): r for r in bench["results"]}
@@ -147,6 +147,8 @@ def test_compile_only_records_memory_and_kernels_without_running(tmp_path) -> No
             assert r["median_ms"] is None and r["times_ms"] == [] and r["skipped"] == "compile only"
             assert r["compiled_bytes"] > 0 and r["error_needle"] is None
     assert rows[("rsa", "fwd")]["kernel"] == "masked" and rows[("dense", "fwd")]["kernel"] == "xla"
+    assert rows[("rsa/scan", "fwd")]["kernel"] == "scan"  # a kernel forced by its variant
+    assert rows[("rsa/scan", "fwd")]["flops"] == rows[("rsa", "fwd")]["flops"]
     assert rows[("rsa/exact", "fwd")]["flops"] < rows[("rsa", "fwd")]["flops"]  # no compressed branch
     assert rows[("rsa/exact", "fwd")]["flops_exact"] == rows[("rsa", "fwd")]["flops_exact"]
     assert "GPU" in rows[("dense_pallas", "fwd")]["skipped"]
