@@ -99,6 +99,10 @@ def _model(task: Any, attention: str) -> ml_collections.ConfigDict:
         m.cross_attention = "dense"  # dense, or same (the model.attention config; see models/seq2seq.py)
         m.beam_size = 1  # 1: greedy decoding; more: beam search
         m.length_penalty = 0.6  # GNMT length penalty exponent of beam search
+        # a decoded output ends (EOS) by decode_len_ratio x its source's tokens + decode_len_extra, and
+        # by max_target_len in any case (decode_len_ratio 0: max_target_len only)
+        m.decode_len_ratio = 0.0
+        m.decode_len_extra = 10
         m.bos_id = int(task.bos_id)  # decoder start token (from the task)
         m.eos_id = int(task.eos_id)  # end of sequence (from the task)
     m.attention = presets.get(attention)  # the attention core: a preset, adjusted per scale
@@ -405,7 +409,7 @@ def validate_config(config: ml_collections.ConfigDict, *, inference: bool = Fals
     if m.kind == "seq2seq":
         _choice("model.cross_attention", m.cross_attention, CROSS_ATTENTION)
         _at_least(config, {"model.num_decoder_layers": 1, "model.beam_size": 1, "model.length_penalty": 0.0,
-                           "model.max_target_len": 1})
+                           "model.max_target_len": 1, "model.decode_len_ratio": 0.0, "model.decode_len_extra": 1})
         if m.max_target_len != config.data.max_target_len:
             raise _fail("model.max_target_len", m.max_target_len, f"must equal data.max_target_len={config.data.max_target_len}")
 

@@ -38,6 +38,19 @@ examples:
 """
 
 
+def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam-size", type=int, default=None, help="translation: beam search width (default: the run's config)")
+    p.add_argument("--decode-len-ratio", type=float, default=None, help="translation: end each output (EOS) by "
+                   "RATIO x its source's tokens + --decode-len-extra, 0 for max_target_len only (default: the run's config)")
+    p.add_argument("--decode-len-extra", type=int, default=None, help="translation: see --decode-len-ratio")
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    from sparseformer.infer.predict import DECODING_KEYS
+
+    return {k: getattr(args, k) for k in DECODING_KEYS}
+
+
 def predict_main(argv: list[str]) -> int:
     from sparseformer.infer.artifact import add_predict_flags, run_and_report
 
@@ -51,15 +64,16 @@ def predict_main(argv: list[str]) -> int:
     src.add_argument("--artifact", help="a directory written by `sparseformer export`")
     p.add_argument("--input", required=True, help="JSON Lines input ('-' for standard input)")
     p.add_argument("--output", required=True, help="JSON Lines output")
-    p.add_argument("--beam-size", type=int, default=None, help="translation: beam search width (default: the run's config)")
+    _add_decoding_flags(p)
     p.add_argument("--buckets", default=None, help="--workdir: comma-separated bucket lengths ending at max_len, or "
                    "'max' to pad every input to max_len (default: powers of two the attention can run)")
     add_predict_flags(p)
     args = p.parse_args(argv)
     try:
         if args.artifact:
-            if args.beam_size is not None or args.buckets:
-                raise ValueError("--beam-size and --buckets are fixed when exporting; pass them to `sparseformer export`")
+            if any(v is not None for v in _decoding(args).values()) or args.buckets:
+                raise ValueError("--beam-size, --decode-len-* and --buckets are fixed when exporting; pass them to "
+                                 "`sparseformer export`")
             from sparseformer.infer.artifact import ArtifactBackend
 
             backend = ArtifactBackend(args.artifact)
@@ -67,7 +81,7 @@ def predict_main(argv: list[str]) -> int:
             from sparseformer.infer import model as model_lib
             from sparseformer.infer import predict as predict_lib
 
-            m = predict_lib.with_decoding(model_lib.trained_model(args.workdir), beam_size=args.beam_size)
+            m = predict_lib.with_decoding(model_lib.trained_model(args.workdir), **_decoding(args))
             backend = predict_lib.ModelBackend(m, buckets=_resolve(_buckets(args.buckets), int(m.config.model.max_len)))
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"sparseformer predict: {e}", file=sys.stderr)
@@ -86,14 +100,14 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="the export directory (replaced if it holds an earlier export)")
     p.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, rocm, tpu (one artifact runs on each)")
     p.add_argument("--buckets", default=None, help="comma-separated bucket lengths ending at max_len, or 'max'")
-    p.add_argument("--beam-size", type=int, default=None, help="translation: beam search width (default: the run's config)")
+    _add_decoding_flags(p)
     args = p.parse_args(argv)
     try:
         from sparseformer.infer import export as export_lib
         from sparseformer.infer import model as model_lib
         from sparseformer.infer import predict as predict_lib
 
-        m = predict_lib.with_decoding(model_lib.trained_model(args.workdir), beam_size=args.beam_size)
+        m = predict_lib.with_decoding(model_lib.trained_model(args.workdir), **_decoding(args))
         buckets = _resolve(_buckets(args.buckets), int(m.config.model.max_len))
         manifest = export_lib.export_model(m, args.out, platforms=args.platforms.split(","), buckets=buckets,
                                            source=args.workdir)

@@ -113,6 +113,8 @@ def export_model(m: model_lib.Model, out_dir: str | Path, *, platforms: Sequence
             "max_len": int(config.model.max_len),
             "max_target_len": int(config.model.max_target_len) if "max_target_len" in config.model else None,
             "beam_size": int(config.model.beam_size) if "beam_size" in config.model else None,
+            "decode_len": ([float(config.model.get("decode_len_ratio", 0.0)), int(config.model.get("decode_len_extra", 10))]
+                           if kind == "seq2seq" else None),  # [ratio, extra]: outputs end by ratio x source + extra
             "input_fields": list(runtime.FIELDS[kind]),
             "output_fields": ["prediction", "probabilities"] if kind in ("classifier", "dual_encoder") else ["prediction"],
             "arrays": list(runtime.ARRAYS[kind]),
@@ -141,7 +143,7 @@ def export_model(m: model_lib.Model, out_dir: str | Path, *, platforms: Sequence
 
 
 def export_run(workdir: str, out_dir: str | Path, *, platforms: Sequence[str] = ("cpu",),
-               buckets: Sequence[int] | None = None, beam_size: int | None = None) -> dict[str, Any]:
-    """Export the latest checkpoint of a run directory."""
-    m = predict_lib.with_decoding(model_lib.trained_model(workdir), beam_size=beam_size)
+               buckets: Sequence[int] | None = None, **decoding: Any) -> dict[str, Any]:
+    """Export the latest checkpoint of a run directory (`decoding`: `predict.with_decoding`'s choices)."""
+    m = predict_lib.with_decoding(model_lib.trained_model(workdir), **decoding)
     return export_model(m, out_dir, platforms=platforms, buckets=buckets, source=str(workdir))

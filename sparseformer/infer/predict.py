@@ -73,16 +73,25 @@ def check_buckets(config: ml_collections.ConfigDict, buckets: Sequence[int]) -> 
     return out
 
 
-def with_decoding(m: model_lib.Model, *, beam_size: int | None = None) -> model_lib.Model:
-    """The model with another beam size (seq2seq; its structure holds the decoding choice)."""
-    if beam_size is None or m.config.model.kind != "seq2seq" or beam_size == m.config.model.beam_size:
+DECODING_KEYS = ("beam_size", "decode_len_ratio", "decode_len_extra")
+"""Translation's decoding choices a trained run can be given at predict or export time."""
+
+
+def with_decoding(m: model_lib.Model, *, beam_size: int | None = None, decode_len_ratio: float | None = None,
+                  decode_len_extra: int | None = None) -> model_lib.Model:
+    """The model with other decoding choices (seq2seq; its structure holds them): beam width, and
+    the output length bound `decode_len_ratio x source tokens + decode_len_extra` (ratio 0: none)."""
+    asked = {"beam_size": beam_size, "decode_len_ratio": decode_len_ratio, "decode_len_extra": decode_len_extra}
+    changes = {k: v for k, v in asked.items() if v is not None and m.config.model.get(k) != v}
+    if not changes or m.config.model.kind != "seq2seq":
         return m
-    if beam_size < 1:
-        raise ValueError(f"--beam-size: {beam_size} must be >= 1")
+    for key, low in (("beam_size", 1), ("decode_len_ratio", 0), ("decode_len_extra", 1)):
+        if key in changes and changes[key] < low:
+            raise ValueError(f"--{key.replace('_', '-')}: {changes[key]} must be >= {low}")
     from sparseformer.models import build_model
 
     config = ml_collections.ConfigDict(copy.deepcopy(m.config.to_dict()))
-    config.model.beam_size = int(beam_size)
+    config.model.update(changes)
     with nnx.use_eager_sharding(False):
         graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))), nnx.Param, ...)
     return model_lib.Model(config, graphdef, m.params, m.extra, m.step)

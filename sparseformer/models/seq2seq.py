@@ -47,6 +47,9 @@ class EncoderDecoder(nnx.Module):
         self.bos_id, self.eos_id = model.bos_id, model.eos_id
         self.max_target_len = model.max_target_len
         self.beam_size, self.alpha = model.beam_size, float(model.length_penalty)
+        # runs saved before these keys decode as they did: up to max_target_len
+        self.len_ratio = float(model.get("decode_len_ratio", 0.0))
+        self.len_extra = int(model.get("decode_len_extra", 10))
 
     def encode(self, inputs_BL: jax.Array, mask_BL: jax.Array, *, rng: jax.Array | None = None,
                train: bool = False) -> tuple[jax.Array, Aux]:
@@ -73,6 +76,17 @@ class EncoderDecoder(nnx.Module):
         enc_BSE, mask_BL = jnp.repeat(enc_BSE, copies, 0), jnp.repeat(mask_BL, copies, 0)
         return self.decoder.init_cache(enc_BSE.shape[0], self.max_target_len, enc_BSE), mask_BL
 
+    def length_limits(self, mask_BL: jax.Array) -> jax.Array | None:
+        """`[B]` int32: the most tokens (EOS included) each row may decode, `decode_len_ratio x` its
+        source's tokens `+ decode_len_extra`, at most `max_target_len`, so a model that does not emit
+        EOS stops near a plausible length instead of running on. None when the ratio is 0: rows
+        then run to `max_target_len` without a forced EOS."""
+        T = self.max_target_len
+        if self.len_ratio <= 0:
+            return None
+        src = jnp.sum(mask_BL.astype(jnp.float32), -1)
+        return jnp.clip(jnp.floor(self.len_ratio * src).astype(jnp.int32) + self.len_extra, 1, T)
+
     def _step(self, ids_N: jax.Array, cache: list[dict[str, Cache]], t: jax.Array, mask_NS: jax.Array):
         x_NE, cache = self.decoder.decode(ids_N, cache, t, mask_NS)
         return jax.nn.log_softmax(self.head(x_NE).astype(jnp.float32)), cache
@@ -81,15 +95,20 @@ class EncoderDecoder(nnx.Module):
         """Greedy decoding: `[B, Lt]` ids, padding (0) after the first EOS.
 
         The loop stops as soon as every row has emitted EOS (the remaining steps would only
-        write padding), so a batch of short outputs costs its longest output, not `Lt` steps.
+        write padding), so a batch of short outputs costs its longest output, not `Lt` steps. A
+        row emits EOS at its `length_limits` at the latest.
         """
         B, T = inputs_BL.shape[0], self.max_target_len
         cache, mask = self._start(inputs_BL, mask_BL, 1)
+        limit = self.length_limits(mask_BL)
 
         def step(carry):
             t, out, prev, done, cache = carry
             logp, cache = self._step(prev, cache, t, mask)
-            tok = jnp.where(done, 0, jnp.argmax(logp, -1).astype(jnp.int32))
+            tok = jnp.argmax(logp, -1).astype(jnp.int32)
+            if limit is not None:
+                tok = jnp.where(t + 1 >= limit, self.eos_id, tok)
+            tok = jnp.where(done, 0, tok)
             out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, 1)
             return t + 1, out, tok, done | (tok == self.eos_id), cache
 
@@ -107,12 +126,14 @@ class EncoderDecoder(nnx.Module):
 
         Keeps `K` live hypotheses and the `K` best finished ones; a live hypothesis that emits
         EOS moves to the finished pool with score `logp / length_penalty`. With `K = 1` and
-        `alpha = 0` it is greedy decoding.
+        `alpha = 0` it is greedy decoding. At a row's `length_limits` every hypothesis must end
+        (only EOS is allowed), so it is finished there.
         """
         K = self.beam_size if beam_size is None else beam_size
         alpha = self.alpha if alpha is None else alpha
         B, T = inputs_BL.shape[0], self.max_target_len
         cache, mask = self._start(inputs_BL, mask_BL, K)
+        limit_B = self.length_limits(mask_BL)
         NEG = jnp.float32(-1e9)
 
         def gather(x, idx_BK):  # x [B*K, ...] -> rows idx per batch
@@ -124,6 +145,9 @@ class EncoderDecoder(nnx.Module):
             prev = jnp.where(t == 0, self.bos_id, jax.lax.dynamic_index_in_dim(seqs, jnp.maximum(t - 1, 0), 2, False))
             lp_NV, cache = self._step(prev.reshape(B * K), cache, t, mask)
             V = lp_NV.shape[-1]
+            if limit_B is not None:
+                only_eos = (t + 1 >= jnp.repeat(limit_B, K))[:, None] & (jnp.arange(V) != self.eos_id)[None, :]
+                lp_NV = jnp.where(only_eos, NEG, lp_NV)
             cand = (logp_BK[:, :, None] + lp_NV.reshape(B, K, V)).reshape(B, K * V)
             top_scores, top_idx = jax.lax.top_k(cand, 2 * K)
             beam, tok = top_idx // V, (top_idx % V).astype(jnp.int32)

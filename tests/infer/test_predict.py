@@ -185,3 +185,21 @@ def test_beam_size_is_a_decoding_choice_of_the_loaded_model(runs):
     assert beam.merge().beam_size == 3 and m.merge().beam_size == 1 and beam.params is m.params
     with pytest.raises(ValueError, match="--beam-size: 0 must be >= 1"):
         predict_lib.with_decoding(m, beam_size=0)
+    bounded = predict_lib.with_decoding(m, decode_len_ratio=1.5, decode_len_extra=4)
+    assert bounded.merge().len_ratio == 1.5 and bounded.merge().len_extra == 4 and m.merge().len_ratio == 0.0
+    with pytest.raises(ValueError, match="--decode-len-ratio: -1.0 must be >= 0"):
+        predict_lib.with_decoding(m, decode_len_ratio=-1.0)
+
+
+def test_predict_bounds_translation_length_from_the_command_line(runs, tmp_path):
+    """`--decode-len-ratio/--decode-len-extra`: with room for one token (EOS) every output is empty;
+    the run's own setting (no bound) decodes text."""
+    run = str(runs["synth_translate"])
+    write_inputs(tmp_path / "in.jsonl", predict_lib.load_backend(run), 6, seed=2)
+    args = [f"--workdir={run}", f"--input={tmp_path / 'in.jsonl'}", "--quiet"]
+    assert predict_main([*args, f"--output={tmp_path / 'free.jsonl'}"]) == 0
+    assert predict_main([*args, f"--output={tmp_path / 'short.jsonl'}", "--decode-len-ratio=0.01",
+                         "--decode-len-extra=1"]) == 0
+    assert any(r["prediction"] for r in read(tmp_path / "free.jsonl"))
+    assert all(r["prediction"] == "" for r in read(tmp_path / "short.jsonl"))
+    assert predict_main([*args, f"--output={tmp_path / 'bad.jsonl'}", "--decode-len-extra=0"]) == 2

@@ -115,6 +115,37 @@ def test_beam_of_one_is_greedy():
     assert beam3.shape == greedy.shape == (B, L)
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_decoding_ends_at_the_length_bound_of_its_source(monkeypatch, beam: int):
+    """`decode_len_ratio`: each row ends (EOS) by ratio x its source's tokens + extra, shown on a
+    model kept from ever choosing EOS on its own. Ratio 0 keeps max_target_len as the only bound."""
+    from sparseformer.models.seq2seq import EncoderDecoder
+
+    step = EncoderDecoder._step
+
+    def never_eos(self, *args):
+        logp, cache = step(self, *args)
+        return logp.at[:, 10].add(-1e4), cache
+
+    monkeypatch.setattr(EncoderDecoder, "_step", never_eos)
+    config = model_config("seq2seq", "local", cross_attention="dense", dropout_rate=0.0, beam_size=beam,
+                          decode_len_ratio=0.5, decode_len_extra=3, eos_id=10)
+    model = build_model(config, nnx.Rngs(3))
+    b = batch_for("seq2seq")
+    mask = b["inputs_mask"].at[0, 20:].set(False)  # sources of 20 and of 64 tokens
+    out = np.asarray(nnx.jit(lambda m, x, mk: m.predict(x, mk))(model, b["inputs"], mask))
+    first_eos = [int(np.argmax(row == 10)) if np.any(row == 10) else None for row in out]
+    limits = [13, 35]  # floor(0.5 * 20) + 3, floor(0.5 * 64) + 3
+    for row, eos, limit in zip(out, first_eos, limits):
+        assert eos is not None and eos < limit, (eos, limit)
+        assert np.all(row[eos + 1 :] == 0)
+    unbounded = config.model.copy_and_resolve_references()
+    unbounded.decode_len_ratio = 0.0
+    free = build_model(ml_collections.ConfigDict({"model": unbounded}), nnx.Rngs(3))
+    out_free = np.asarray(nnx.jit(lambda m, x, mk: m.predict(x, mk))(free, b["inputs"], mask))
+    assert not np.any(out_free == 10)  # without the bound it runs on to max_target_len
+
+
 def test_every_param_has_logical_names_of_its_rank():
     allowed = {"embed", "heads", "kv_heads", "kv", "mlp", "vocab", None}
     for kind in MODEL_KINDS:
