@@ -7,7 +7,8 @@
    a project's status stated in the first quarter of a report, asked about at its end;
 2. dense: `sparseformer train --config=configs/files.py:kind=classify,attention=dense,scale=small` on it
    (SentencePiece BPE vocabulary, the classifier reads the last token, where the question is);
-3. adopt: `sparseformer adopt --teacher=<dense> --attention=rsa` (timed: the adopt path alone);
+3. adopt: `sparseformer adopt --teacher=<dense> --attention=rsa [--set=...]` (timed: the adopt path
+   alone; the scale's `adopt_set`, or `--set`, changes the preset);
 4. monitor: `sparseformer monitor` of the adopted run on the test file and on drifted documents
    (status words scattered through the filler: 2% of its words, mild; 20%, heavy).
 
@@ -34,9 +35,12 @@ SCALES = {
                  extra=["--config.model.attention.selection.block_size=8"]),
     # blocks of 32: rsa computes 8 of the 32 key blocks of a 1024-token document exactly (with blocks of
     # 64, 8 of 16, its model was only 1.4-2.0x faster than dense here)
+    # adopt: own block + top 3 of 32-token blocks (128 of 1024 keys): accuracy kept after distillation
+    # and 2.0x faster at 1024; the preset's top 7 (256 keys) kept it too but was 1.57x (experiments/README)
     "small": dict(num_train=8000, num_eval=500, num_words=960, max_len=1024, steps=300, finetune=100,
                   lengths="2048,4096", extra=["--config.optimizer.learning_rate=3e-3",
-                                              "--config.model.attention.selection.block_size=32"]),
+                                              "--config.model.attention.selection.block_size=32"],
+                  adopt_set=["model.attention.selection.top_k=3"]),
 }
 
 
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--attention", default="rsa")
+    p.add_argument("--set", action="append", default=None, metavar="model.attention.KEY=VALUE",
+                   help="adopt's change to the preset (repeatable; default: the scale's own)")
     a = p.parse_args(argv)
     s = SCALES[a.scale]
     work = Path(a.workdir or ROOT / "runs" / f"adopt_longdoc_{a.scale}").absolute()
@@ -81,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if "adopt" in steps:
         summary["adopt_seconds"] = run([
             py, "-m", "sparseformer", "adopt", f"--teacher={dense}", f"--attention={a.attention}", f"--out={adopted}",
-            f"--steps={s['finetune']}", f"--lengths={s['lengths']}", "--price-per-hour=0.40", "--repeats=20"])
+            f"--steps={s['finetune']}", f"--lengths={s['lengths']}", "--price-per-hour=0.40", "--repeats=20",
+            *(f"--set={kv}" for kv in (s.get("adopt_set", []) if a.set is None else a.set))])
     if "monitor" in steps:
         # drifted inputs: the same reports, with status words now also in the filler, all over the
         # document (2% of its words: mild; 20%: heavy). Dense attention spreads over them; the
