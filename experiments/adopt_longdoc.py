@@ -108,12 +108,17 @@ def main(argv: list[str] | None = None) -> int:
             code = subprocess.call(cmd, cwd=ROOT)
             summary[f"monitor_{name}_exit"] = code
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("report.md", "report.json", "metric_vs_speedup.png", "fidelity.png", "lengths.png"):
-        if (adopted / name).exists():
-            shutil.copy(adopted / name, out / name)
-    for name in ["test", *(f"drift_{d}" for d in DRIFTS)]:
-        if (work / f"monitor_{name}.json").exists():
-            shutil.copy(work / f"monitor_{name}.json", out / f"monitor_{name}.json")
+    copies = {adopted / name: out / name
+              for name in ("report.md", "report.json", "metric_vs_speedup.png", "fidelity.png", "lengths.png")}
+    copies.update({work / f"monitor_{name}.json": out / f"monitor_{name}.json"
+                   for name in ["test", *(f"drift_{d}" for d in DRIFTS)]})
+    for src, dst in copies.items():
+        if not src.exists():
+            continue
+        if src.suffix in (".md", ".json"):  # paths relative to the repository, not this machine's
+            dst.write_text(src.read_text().replace(f"{ROOT}/", ""))
+        else:
+            shutil.copy(src, dst)
     if (dense / "metrics.json").exists():
         summary["dense_accuracy"] = json.loads((dense / "metrics.json").read_text())["accuracy"]
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -3,7 +3,7 @@
 dense at the task's length (`sparseformer bench --model`).
 
     python experiments/table4_inference.py --stage=train            # the runs (resumable), shared CPU is fine
-    flock -x /work/.cpu.lock python experiments/table4_inference.py --stage=bench   # timings, machine alone
+    python experiments/table4_inference.py --stage=bench            # timings, with the machine alone
     python experiments/table4_inference.py --stage=table            # experiments/results/small/table4.md
 
 Tasks (small scale, sized for a shared 2-core CPU):
