@@ -9,7 +9,8 @@
 3. The kernel alone: forward and forward+backward time of `fused_block_attention` with rsa's budget
    (8 slots of 64 per query block), against cuDNN and JAX's Pallas flash attention at the same
    shape and against the `scan` kernel it replaces on the same selection, as TFLOP/s of the pairs
-   each computes (median of 20 calls after warm-up).
+   each computes (median of 20 calls after warm-up). JAX's dense flash attention in Triton beside
+   its Mosaic GPU one (forward) is the measured hint for which backend a sparse kernel should use.
 
 Writes OUT_DIR/check.json and prints a short table. Exit status 1 if a correctness check fails.
 """
@@ -144,6 +145,15 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16):
         row["pallas_dense_fwd_ms"], row["pallas_dense_fwd_tflops"] = ms, 4 * D * dense_pairs / ms / 1e9
     except Exception as e:  # noqa: BLE001 (a baseline that fails is recorded, the check goes on)
         row["pallas_dense_error"] = f"{type(e).__name__}: {e}"
+    try:  # the same dense problem in Mosaic GPU (Hopper, warp-specialised): Triton against Mosaic GPU
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        tuning = attention_mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=causal)
+        mf = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, tuning))
+        ms = _median_ms(mf, qt, kt, vt)
+        row["mgpu_dense_fwd_ms"], row["mgpu_dense_fwd_tflops"] = ms, 4 * D * dense_pairs / ms / 1e9
+    except Exception as e:  # noqa: BLE001
+        row["mgpu_dense_error"] = f"{type(e).__name__}: {e}"
     for p in ("fwd", "fwd_bwd"):
         for other in ("cudnn", "scan"):
             if f"fused_{p}_ms" in row and f"{other}_{p}_ms" in row:
