@@ -33,7 +33,8 @@ Backend: Pallas' Triton lowering (`jax.experimental.pallas.triton`). It supports
 block addresses read from an index array inside the kernel, which is all this walk needs; it is
 present in jax 0.10.x and, deprecated, in 0.11.x. On a CPU the same kernel runs in Pallas'
 interpret mode (slow: for tests), unless `compile_for_gpu()` asks for the GPU lowering (to lower
-for `cuda` on a machine without one).
+for `cuda` on a machine without one). On a TPU the same `Plan` and lists run the Mosaic TPU kernels
+of `pallas_tpu` (`compile_for_tpu()` lowers them on a CPU, `tpu_interpret()` interprets them).
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def _t_dot(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _pair_mask(plan: Plan, qid, blk, start, kmask_ref_or_block):
+def pair_mask(plan: Plan, qid, blk, start, kmask_ref_or_block):
     """Allowed pairs of a `[rows, b]` tile (None when all are), for query block `qid` against key
     block `blk`; `kmask` is the key block's `[b]` mask (a ref slice or a loaded block)."""
     b, rows = plan.block, plan.rows
@@ -284,7 +285,7 @@ def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
         start = meta_ref[2 + K + j] if plan.has_start else None
         keys = pl.ds(blk * b, b)
         s = _dot_t(q, k_ref[keys, :])
-        mask = _pair_mask(plan, qid, blk, start, kmask_ref[keys] if plan.has_mask else None)
+        mask = pair_mask(plan, qid, blk, start, kmask_ref[keys] if plan.has_mask else None)
         if mask is not None:
             s = jnp.where(mask, s, LOG0)
         m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
@@ -320,7 +321,7 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
         keys = pl.ds(blk * b, b)
         k = k_ref[keys, :]
         p = jnp.exp(_dot_t(q, k) - lse[:, None])
-        mask = _pair_mask(plan, qid, blk, start, kmask_ref[keys] if plan.has_mask else None)
+        mask = pair_mask(plan, qid, blk, start, kmask_ref[keys] if plan.has_mask else None)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         ds = p * (_dot_t(do, v_ref[keys, :]) - dd[:, None])
@@ -344,7 +345,7 @@ def _dkv_kernel(pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref, *refs, pl
         i = entries_ref[t]
         qid = qid_ref[i]
         start = entries_ref[start_off + t] if plan.has_start else None
-        mask = _pair_mask(plan, qid, blk, start, kmask)
+        mask = pair_mask(plan, qid, blk, start, kmask)
         q_rows = pl.ds(i * rows, rows)
         for r in range(R):  # every query head of the group, a tile at a time
             q = q_ref[r, q_rows, :]
@@ -541,6 +542,8 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
     if reason:
         raise ValueError(f"model.attention.selection.kernel: 'pallas' cannot run: {reason}")
     plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None)
+    if plan.tpu and q_BHTD.dtype == jnp.float16:
+        raise ValueError("model.attention.selection.kernel: 'pallas' on a TPU takes float32 or bfloat16, not float16")
     hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
     first = lambda x: None if x is None else x[:, ::G]  # noqa: E731 (one head per group)
     idx, valid, row_start = first(selection.idx), first(selection.valid), first(selection.row_start)
@@ -555,8 +558,6 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
         kmask = key_mask(kv_mask, b)
     else:
         kmask = kv_mask.astype(jnp.int32)
-    if plan.tpu and q_BHTD.dtype == jnp.float16:
-        raise ValueError("model.attention.selection.kernel: 'pallas' on a TPU takes float32 or bfloat16, not float16")
     out, lse = _fused(plan, qg, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)
     out = out.reshape(B, Hk, R, n, hp, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, H, T, D)
     lse = lse.reshape(B, Hk, R, n, hp, b).transpose(0, 1, 2, 4, 3, 5).reshape(B, H, T)

@@ -5,19 +5,24 @@ it itself. On a TPU the loads are DMAs that Pallas pipelines from the grid's `Bl
 walk moves into the grid, with the lists in scalar memory (scalar prefetch), as splash attention
 does with its mask info:
 
-- **forward** and **dq**: grid `(batch, kv head tile, query block, slot)`. The key/value index
+- **forward** and **dq**: grid `((batch, kv head) pair, query tile of the group, query block,
+  slot)`. The key/value index
   map reads the slot's block from the prefetched list; slots past the query block's count repeat
   the last valid block, so Pallas issues no new DMA for them, and `pl.when` skips their compute:
   an unused slot costs one empty grid step. The online-softmax state (running max, normaliser,
   accumulator) lives in VMEM scratch across the slot axis; the output and log-sum-exp are written
   at the last slot.
-- **dk, dv**: grid `(batch, kv head, step)` over one *walk* per (batch, kv head): every key
+- **dk, dv**: grid `((batch, kv head) pair, step)` over one *walk* per pair: every key
   block's entry, then the query blocks that chose it in ascending order (the inverted lists, one
   sort per call), then unused entries at the end. The output block follows the walk's key block,
   so a key block's gradient stays in VMEM while its list is walked and is written once: the first
   entry zeroes it, each query block adds its share (every query head of the group), in a fixed
   order: deterministic, without atomics or a second reduction kernel (the TPU runs the grid in
   order). A key block no query block chose still gets its zeros.
+
+Scalar memory is small (1 MiB a core from TPU v4 on), so each kernel runs as several calls over
+slices of the (batch, kv head) pairs whose lists fit `SMEM_BUDGET`; one pair too long for it is
+refused with what to change.
 
 Masks, dtypes and the stacking of a group's query heads into one tile are `pallas_kernel`'s (the
 same `Plan` and lists); logits and statistics are float32; float32 inputs multiply at full
@@ -37,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sparseformer.attention.dense import LOG0
+from sparseformer.attention.pallas_kernel import pair_mask  # a key block's mask is `[1, b]` here
 
 # Bytes of block lists one call takes into scalar memory (SMEM: 1 MiB per core from TPU v4 on; the
 # compiler keeps some): a call covers as many (batch, kv head) pairs as fit.
@@ -64,13 +70,6 @@ def _t_dot(a, b):
     """`a.T @ b`, float32 accumulation."""
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_precision(a.dtype),
                            preferred_element_type=jnp.float32)
-
-
-def _mask(plan, qid, blk, start, kmask_row):
-    """Allowed pairs of a `[rows, b]` tile (None when all are); `kmask_row` is `[1, b]`."""
-    from sparseformer.attention.pallas_kernel import _pair_mask
-
-    return _pair_mask(plan, qid, blk, start, kmask_row)
 
 
 # ---------------------------------------------------------------- the dk/dv walk
@@ -118,7 +117,7 @@ def _walk_step(plan, meta_ref, kmask_ref, M: int):
     def slot_mask():
         blk = meta_ref[base + 2 + j]
         start = meta_ref[base + 2 + plan.slots + j] if plan.has_start else None
-        return _mask(plan, qid, blk, start, kmask_ref[...] if plan.has_mask else None)
+        return pair_mask(plan, qid, blk, start, kmask_ref[...] if plan.has_mask else None)
 
     return j, count, slot_mask
 
@@ -198,7 +197,7 @@ def _dkv_kernel(walk_ref, qid_ref, q_ref, k_ref, v_ref, *refs, plan, L: int):
     @pl.when(kind == ENTRY)
     def _():
         start = walk_ref[base + 3] if plan.has_start else None
-        mask = _mask(plan, qid_ref[qi], blk, start, kmask_ref[...] if plan.has_mask else None)
+        mask = pair_mask(plan, qid_ref[qi], blk, start, kmask_ref[...] if plan.has_mask else None)
         k, v = k_ref[...], v_ref[...]
         dk, dv = dk_ref[...], dv_ref[...]
         for r in range(plan.tiles_per_group):  # every query head of the group, a tile at a time
