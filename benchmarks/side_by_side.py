@@ -24,15 +24,8 @@ from sparseformer.bench import inputs
 
 
 def config_of(spec: str):
-    """`"rsa;selection.top_k=4"` -> the preset's config with the overrides (typed like the defaults)."""
-    name, *overrides = spec.split(";")
-    c = attention.presets.get(name)
-    for item in filter(None, overrides):
-        key, value = item.split("=", 1)
-        section, field = key.split(".")
-        current = c[section][field]
-        c[section][field] = value == "True" if isinstance(current, bool) else type(current)(value)
-    return c
+    """`"rsa;selection.top_k=4"` -> the preset's config with the overrides (`presets.from_spec`)."""
+    return attention.presets.from_spec(spec)
 
 
 def main() -> None:

@@ -93,6 +93,35 @@ def get(name: str) -> ml_collections.ConfigDict:
     return config
 
 
+def from_spec(spec: str) -> ml_collections.ConfigDict:
+    """`"rsa;selection.block_size=32;selection.top_k=15"`: a preset with `section.field=value`
+    overrides, each value typed like the field's default (`True`/`False` for flags). Unknown sections
+    or fields and values of the wrong type are refused naming the key and what is allowed."""
+    name, *overrides = spec.split(";")
+    config = get(name.strip())
+    for item in filter(None, (o.strip() for o in overrides)):
+        key, eq, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not eq or not dot:
+            raise ValueError(f"model.attention override {item!r}: expected section.field=value")
+        if section not in config or not isinstance(config[section], ml_collections.ConfigDict):
+            raise ValueError(f"model.attention.{section}: not a section; sections: "
+                             f"{', '.join(k for k in config if isinstance(config[k], ml_collections.ConfigDict))}")
+        if field not in config[section]:
+            raise ValueError(f"model.attention.{key}: no such field; fields: {', '.join(config[section])}")
+        current = config[section][field]
+        if isinstance(current, bool):
+            if value not in ("True", "False"):
+                raise ValueError(f"model.attention.{key}: {value!r} is not allowed; True or False")
+            config[section][field] = value == "True"
+            continue
+        try:
+            config[section][field] = type(current)(value)
+        except ValueError as e:
+            raise ValueError(f"model.attention.{key}: {value!r} is not a {type(current).__name__}") from e
+    return config
+
+
 def components(config: ml_collections.ConfigDict) -> dict[str, str]:
     """A readable summary of what a config switches on (for listings and tables)."""
     sel, comp, corr = config.selection, config.compression, config.correction

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--presets", default=",".join(d.presets), help="comma-separated; 'dense' is the jax.nn baseline, 'dense_pallas' JAX's Pallas flash attention (GPU), 'PRESET/exact' a preset's selection alone, 'PRESET/scan' (masked, pallas) the preset on that exact kernel")
+    p.add_argument("--presets", default=",".join(d.presets), help="comma-separated; 'dense' is the jax.nn baseline, 'dense_pallas' JAX's Pallas flash attention (GPU), 'PRESET/exact' a preset's selection alone, 'PRESET/scan' (masked, pallas) the preset on that exact kernel; any with ';section.field=value' overrides")
     p.add_argument("--lengths", default=None, help=f"comma-separated token counts (default {','.join(map(str, d.lengths))}; --quick: {','.join(map(str, QUICK['lengths']))})")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--heads", type=int, default=d.heads)

@@ -129,20 +129,39 @@ VARIANTS: dict[str, Callable[[Any], Any]] = {
 kernel against the one it replaces in one run."""
 
 
-def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:
-    """An attention preset through `sparseformer.attention.attend`; raises SkipCase when it cannot run."""
-    del dense_impl
-    from sparseformer import attention  # imported lazily: dense runs without the attention package
-    from sparseformer.attention.config import selection_kernel
+def _split(name: str) -> tuple[str, str, str]:
+    """`PRESET[/VARIANT][;section.field=value...]` -> (preset, variant, overrides)."""
+    head, _, overrides = name.partition(";")
+    base, _, variant = head.partition("/")
+    return base, variant, overrides
 
-    base, _, variant = name.partition("/")
-    config = attention.presets.get(base)
+
+def preset_config(name: str) -> Any:
+    """The attention config a method name stands for: `PRESET`, `PRESET/VARIANT` (`VARIANTS`), each
+    optionally with `;section.field=value` overrides (`presets.from_spec`), e.g.
+    `rsa;selection.block_size=32;selection.top_k=15`. Raises ValueError for a bad name or override,
+    SkipCase when a variant does not apply."""
+    from sparseformer import attention  # imported lazily: dense runs without the attention package
+
+    base, variant, overrides = _split(name)
+    config = attention.presets.from_spec(f"{base};{overrides}")
     if variant:
         if variant not in VARIANTS:
             raise ValueError(f"{name}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         if not config.selection.enabled:
             raise SkipCase(f"{base} selects nothing, so it has no exact part to time alone")
         config = VARIANTS[variant](config)
+    return config
+
+
+def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:
+    """An attention preset (see `preset_config` for the names) through `sparseformer.attention.attend`;
+    raises SkipCase when it cannot run."""
+    del dense_impl
+    from sparseformer import attention  # imported lazily: dense runs without the attention package
+    from sparseformer.attention.config import selection_kernel
+
+    config = preset_config(name)
     try:
         attention.validate(config, causal=shape.causal, seq_len=shape.length)
     except ValueError as e:
@@ -175,9 +194,12 @@ BASELINES: dict[str, Callable[..., Method]] = {BASELINE_NAME: build_dense, "dens
 
 
 def is_known(name: str, known: list[str]) -> bool:
-    """A baseline, a preset, or `PRESET/VARIANT`."""
-    base, _, variant = name.partition("/")
-    return name in known or (bool(variant) and base in known and base not in BASELINES and variant in VARIANTS)
+    """A baseline, a preset, or `PRESET/VARIANT`, either of the latter with `;` overrides (whose
+    values `preset_config` checks)."""
+    if name in known:
+        return True
+    base, variant, _ = _split(name)
+    return base in known and base not in BASELINES and (not variant or variant in VARIANTS)
 
 
 def known_names() -> list[str]:

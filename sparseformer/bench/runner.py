@@ -202,10 +202,10 @@ def _fidelity_functions(name: str, shape: methods.Shape) -> dict[str, Any]:
     computed exactly per query block (None without selection)."""
     from sparseformer import attention
 
-    config = attention.presets.get(name)
+    config = methods.preset_config(name)
     variants = {name: config}
     if config.selection.enabled and config.selection.top_k and config.selection.estimator != "oracle":
-        oracle = attention.presets.get(name)
+        oracle = methods.preset_config(name)
         oracle.selection.estimator = "oracle"
         variants[name + ORACLE_SUFFIX] = oracle
     out = {}
@@ -229,7 +229,7 @@ def _fidelity(cases: list[Case], o: BenchOptions, length: int, progress: Any) ->
     fns: dict[str, Any] = {}
     for c in fwd:
         name = c.record["preset"]
-        fns.update(_fidelity_functions(name, shape) if name != methods.BASELINE_NAME else {name: None})
+        fns.update({name: None} if name in methods.BASELINES else _fidelity_functions(name, shape))
     errors: dict[str, dict[str, Any]] = {label: {} for label in fns}
     for kind, make in inputs.INPUT_KINDS.items():
         progress.set_description(f"{length}: fidelity ({kind})")
@@ -238,7 +238,7 @@ def _fidelity(cases: list[Case], o: BenchOptions, length: int, progress: Any) ->
         ref = measure.reference_attention(q, k, v, causal=o.causal)
         qd, kd, vd = (jnp.asarray(x, o.dtype) for x in (q, k, v))
         for label, fn in fns.items():
-            if fn is None:  # the dense baseline: its own compiled forward
+            if fn is None:  # a baseline (dense, dense_pallas): its own compiled forward
                 case = next(c for c in fwd if c.record["preset"] == label)
                 out, slots = case.compiled(qd, kd, vd, *case.args[3:]), None
             else:
@@ -330,8 +330,16 @@ def validate_options(o: BenchOptions, known: Sequence[str]) -> None:
     if unknown:
         raise ValueError(
             f"--presets: unknown {unknown}; known: {', '.join(known)} "
-            f"(and PRESET/VARIANT, variants: {', '.join(methods.VARIANTS)})"
+            f"(and PRESET/VARIANT, variants: {', '.join(methods.VARIANTS)}; either with ;section.field=value)"
         )
+    for p in o.presets:
+        if ";" in p:
+            try:
+                methods.preset_config(p)
+            except methods.SkipCase:
+                pass
+            except ValueError as e:
+                raise ValueError(f"--presets: {p}: {e}") from e
     bad = [p for p in o.passes if p not in methods.PASSES]
     if bad:
         raise ValueError(f"--passes: unknown {bad}; known: {', '.join(methods.PASSES)}")

@@ -159,3 +159,20 @@ def test_compile_only_records_memory_and_kernels_without_running(tmp_path) -> No
 def test_unknown_variant_is_refused() -> None:
     assert cli.bench_main(["--presets=rsa/fast", "--out=/nonexistent"]) == 2
     assert cli.bench_main(["--presets=dense/exact", "--out=/nonexistent"]) == 2
+
+
+@pytest.mark.skipif(not _has_attention(), reason="needs the attention package")
+def test_variants_and_overrides_run_with_fidelity(tmp_path) -> None:
+    """`PRESET/VARIANT` and `PRESET;section.field=value` run end to end, fidelity included (each
+    built through the same config as its timed case; the fidelity step once looked the name up as a
+    plain preset and stopped the run); a bad override is refused before anything compiles."""
+    spec = "rsa;selection.block_size=32;selection.top_k=15"
+    argv = [f"--presets=rsa/exact,{spec}", "--lengths=1024", "--passes=fwd", "--repeats=1", "--warmup=0",
+            "--rss=none", f"--out={tmp_path}"]
+    assert cli.bench_main(argv) == 0
+    rows = {r["preset"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    for name in ("rsa/exact", spec, f"{spec}, oracle choice"):
+        assert rows[name]["error_needle"] is not None and rows[name].get("error") is None, name
+    assert rows[spec]["slots_peaky"] > 8  # the override took: blocks of 32, up to 16 a query block
+    assert cli.bench_main(["--presets=rsa;selection.top_k=many", "--out=/nonexistent"]) == 2
+    assert cli.bench_main(["--presets=rsa;selection.topk=3", "--out=/nonexistent"]) == 2
