@@ -323,6 +323,25 @@ def attention_uses(model: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
     return uses
 
 
+# Model keys added after runs were saved without them, per model kind, with the value that
+# reproduces how those runs behaved (`load_config` fills them; add a line with every new key).
+LEGACY_MODEL_VALUES: dict[str, dict[str, Any]] = {
+    "seq2seq": {"decode_len_ratio": 0.0, "decode_len_extra": 10},  # no output length bound
+}
+
+
+def upgrade_model(model: ml_collections.ConfigDict) -> list[str]:
+    """Fill in place the `LEGACY_MODEL_VALUES` keys a saved `model` config lacks (its attention
+    config: `attention.config.upgrade`); the dotted keys filled."""
+    filled = [f"attention.{k}" for k in attention_config.upgrade(model.attention)] if "attention" in model else []
+    for key, value in LEGACY_MODEL_VALUES.get(model.get("kind"), {}).items():
+        if key not in model:
+            with model.unlocked():
+                model[key] = value
+            filled.append(key)
+    return filled
+
+
 def _budget_fits(att: ml_collections.ConfigDict, *, causal: bool, kv_len: int) -> None:
     """A run's selection budget must leave blocks out at the run's own length. `attend` computes
     every key block when the budget holds more than there are (exact attention: how a trained model

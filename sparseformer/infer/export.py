@@ -113,7 +113,7 @@ def export_model(m: model_lib.Model, out_dir: str | Path, *, platforms: Sequence
             "max_len": int(config.model.max_len),
             "max_target_len": int(config.model.max_target_len) if "max_target_len" in config.model else None,
             "beam_size": int(config.model.beam_size) if "beam_size" in config.model else None,
-            "decode_len": ([float(config.model.get("decode_len_ratio", 0.0)), int(config.model.get("decode_len_extra", 10))]
+            "decode_len": ([float(config.model.decode_len_ratio), int(config.model.decode_len_extra)]
                            if kind == "seq2seq" else None),  # [ratio, extra]: outputs end by ratio x source + extra
             "input_fields": list(runtime.FIELDS[kind]),
             "output_fields": ["prediction", "probabilities"] if kind in ("classifier", "dual_encoder") else ["prediction"],

@@ -47,9 +47,7 @@ class EncoderDecoder(nnx.Module):
         self.bos_id, self.eos_id = model.bos_id, model.eos_id
         self.max_target_len = model.max_target_len
         self.beam_size, self.alpha = model.beam_size, float(model.length_penalty)
-        # runs saved before these keys decode as they did: up to max_target_len
-        self.len_ratio = float(model.get("decode_len_ratio", 0.0))
-        self.len_extra = int(model.get("decode_len_extra", 10))
+        self.len_ratio, self.len_extra = float(model.decode_len_ratio), int(model.decode_len_extra)
 
     def encode(self, inputs_BL: jax.Array, mask_BL: jax.Array, *, rng: jax.Array | None = None,
                train: bool = False) -> tuple[jax.Array, Aux]:

@@ -82,13 +82,13 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The `config.json` of a run directory (JSON lists where the config had tuples). Attention keys
-    added since the run was saved get the values it was trained with (`attention.config.upgrade`)."""
-    from sparseformer.attention import config as attention_config  # noqa: PLC0415
+    """The `config.json` of a run directory (JSON lists where the config had tuples). Model and
+    attention keys added since the run was saved get the values it ran with (`config.upgrade_model`)."""
+    from sparseformer.config import upgrade_model  # noqa: PLC0415
 
     config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
-    if "model" in config and "attention" in config.model:
-        attention_config.upgrade(config.model.attention)
+    if "model" in config:
+        upgrade_model(config.model)
     return config
 
 

@@ -166,3 +166,22 @@ def test_a_run_saved_before_new_attention_keys_loads_as_it_was_trained(tmp_path)
     # a run saved with the keys keeps its own values
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
     assert load_config(tmp_path).model.attention.selection.to_dict() == config.model.attention.selection.to_dict()
+
+
+def test_a_translation_run_saved_before_the_decode_length_keys_loads_unbounded(tmp_path):
+    """A seq2seq `config.json` without `decode_len_ratio`/`decode_len_extra` loads with no length
+    bound (how it decoded) and validates, also resized for inference; one with them keeps its own."""
+    from sparseformer.infer.model import sized_config
+    from sparseformer.train.loop import config_to_dict, load_config
+
+    config = load("synth_translate").get_config("attention=rsa,scale=tiny")
+    saved = config_to_dict(config)
+    del saved["model"]["decode_len_ratio"], saved["model"]["decode_len_extra"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_config(tmp_path)
+    assert (loaded.model.decode_len_ratio, loaded.model.decode_len_extra) == (0.0, 10)
+    validate_config(loaded)
+    sized_config(loaded, int(loaded.model.max_len))
+    config.model.decode_len_ratio = 1.5
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
+    assert load_config(tmp_path).model.decode_len_ratio == 1.5

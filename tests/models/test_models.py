@@ -31,7 +31,7 @@ def model_config(kind: str, preset: str, **overrides) -> ml_collections.ConfigDi
     ))
     if kind == "seq2seq":
         m.update(max_target_len=L, num_decoder_layers=1, cross_attention="same", beam_size=1, length_penalty=0.0,
-                 bos_id=1, eos_id=2)
+                 decode_len_ratio=0.0, decode_len_extra=10, bos_id=1, eos_id=2)
     m.attention = att
     m.update(overrides)
     return ml_collections.ConfigDict({"model": m})
