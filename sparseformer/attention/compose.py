@@ -143,7 +143,7 @@ def attend(
         qb = to_blocks(q_used, b)
         qids = q_pos[::b] // b
         if causal:  # only queries every row of the block may see choose its blocks
-            q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, min(sel_cfg.anchors, b))
+            q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, sel_cfg.anchors)
         else:
             q_est = qb
         selection = choose_blocks(

@@ -389,10 +389,12 @@ def causal_anchor_rows(cfg: ml_collections.ConfigDict, b: int) -> tuple[int, ...
     (the first row of each of `anchors` equal sub-blocks); None when one choice serves the block."""
     if cfg.causal_choice != "first_query" or min(cfg.anchors, b) == 1:
         return None
-    p = min(cfg.anchors, b)
-    return tuple(range(0, b, b // p))
+    return anchor_offsets(b, cfg.anchors)
 
 
+def anchor_offsets(b: int, anchors: int) -> tuple[int, ...]:
+    """First row of each of `anchors` equal sub-blocks of a `b`-row block (every row at `anchors >= b`)."""
+    return tuple(range(0, b, b // min(anchors, b)))
 
 
 def choose_blocks(
@@ -458,7 +460,7 @@ def causal_queries(qh_BHTD: jax.Array, qids: jax.Array, b: int, how: str, anchor
                       choice is one block late.
     """
     if how == "first_query":  # with anchors: the first query of each sub-block (`r = anchors`)
-        return qh_BHTD[:, :, (qids * b)[:, None] + jnp.arange(0, b, b // anchors)]
+        return qh_BHTD[:, :, (qids * b)[:, None] + jnp.asarray(anchor_offsets(b, anchors))]
     prev = to_blocks(qh_BHTD, b)[:, :, jnp.maximum(qids - 1, 0)]
     first = qh_BHTD[:, :, qids * b][:, :, :, None]
     return jnp.where((qids > 0)[:, None, None], prev, first)
