@@ -60,7 +60,7 @@ def components(preset: str, T: int, *, H: int, D: int, dtype, causal: bool):
     def choose(qh, kh):
         qb, kb = to_blocks(qh, b), to_blocks(kh, b)
         qids = jnp.arange(n)  # as attend does: causal blocks choose from the queries all their rows see
-        q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, min(sel_cfg.anchors, b)) if causal else qb
+        q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, sel_cfg.anchors) if causal else qb
         return choose_blocks(q_est, kb, None, qids, num_query_blocks=n, cfg=sel_cfg, causal=causal,
                              rng=jax.random.key(2))
 

@@ -4,7 +4,7 @@
         "rsa;selection.window=1;selection.global_blocks=1;selection.top_k=4;selection.anchors=1;selection.mass_threshold=1.0;selection.causal_choice=previous_block" \
         "rsa"
 
-Each argument is a preset name followed by `;section.key=value` overrides. Every config is compiled
+Each argument is a preset name followed by `;section.key=value` overrides (`presets.from_spec`). Every config is compiled
 (`jax.grad` of `sum(out * w)` with respect to q, k, v), warmed up once, then timed in `--repeats`
 rounds in which each runs once, the order rotated every round; medians are printed. Run it under the
 exclusive CPU lock for numbers worth recording.
@@ -23,11 +23,6 @@ from sparseformer import attention
 from sparseformer.bench import inputs
 
 
-def config_of(spec: str):
-    """`"rsa;selection.top_k=4"` -> the preset's config with the overrides (`presets.from_spec`)."""
-    return attention.presets.from_spec(spec)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("specs", nargs="+")
@@ -41,7 +36,7 @@ def main() -> None:
     w = jax.random.normal(jax.random.key(1), q.shape)
     fns = []
     for spec in a.specs:
-        c = config_of(spec)
+        c = attention.presets.from_spec(spec)
 
         def loss(q, k, v, c=c):  # noqa: ANN001, ANN202
             return jnp.sum(attention.attend(q, k, v, c, causal=a.causal, rng=jax.random.key(0))[0] * w)
