@@ -15,7 +15,6 @@ Both print one JSON object at the end (and a line per measurement as they go).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -27,8 +26,7 @@ def run_accuracy(workdir: str, estimator: str) -> float:
     """Test accuracy (%) of a run's latest checkpoint with `rsa`'s selection estimating by
     `estimator` (a dense run is switched to its config's rsa components). `estimator` may name
     other selection keys after it: `"maxkey;anchors=8"`."""
-    import ast
-
+    from sparseformer.attention.presets import apply_overrides
     from sparseformer.train import loop
 
     estimator, *settings = estimator.split(";")
@@ -39,8 +37,7 @@ def run_accuracy(workdir: str, estimator: str) -> float:
         for part in (attention.selection, attention.compression, attention.correction):
             part.enabled = True
         attention.selection.estimator = estimator
-        for key, _, value in (item.partition("=") for item in settings):
-            attention.selection[key] = ast.literal_eval(value)
+        apply_overrides(attention, [f"selection.{item}" for item in settings])
     rt, state, _ = loop.restore_run(workdir, config=config)
     return round(100 * float(rt.task_metrics(state, "test")["accuracy"]), 2)
 

@@ -98,7 +98,12 @@ def from_spec(spec: str) -> ml_collections.ConfigDict:
     overrides, each value typed like the field's default (`True`/`False` for flags). Unknown sections
     or fields and values of the wrong type are refused naming the key and what is allowed."""
     name, *overrides = spec.split(";")
-    config = get(name.strip())
+    return apply_overrides(get(name.strip()), overrides)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """`config` (a `model.attention` config) with `section.field=value` items applied in place and
+    returned, typed and checked as `from_spec` says."""
     for item in filter(None, (o.strip() for o in overrides)):
         key, eq, value = item.partition("=")
         section, dot, field = key.partition(".")
