@@ -302,7 +302,7 @@ def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
     acc, m_i, l_i = lax.fori_loop(0, count, body, init)
     has = l_i > 0
     safe = jnp.where(has, l_i, 1.0)
-    o_ref[...] = acc / safe[:, None]
+    o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has, m_i + jnp.log(safe), LOG0)
 
 
@@ -426,7 +426,9 @@ def _forward(plan: Plan, qg, k, v, meta, kmask):
     S, n = k.shape[2], plan.num_query_blocks
     grid = (n, B, Hk * R)
     args = (meta, qg, k, v) + ((kmask,) if plan.has_mask else ())
-    out_shape = (jax.ShapeDtypeStruct(qg.shape, jnp.float32), jax.ShapeDtypeStruct(qg.shape[:-1], jnp.float32))
+    # the output in the inputs' dtype (as flash attention stores it): half the memory the backward
+    # keeps in bfloat16; the log-sum-exp stays float32
+    out_shape = (jax.ShapeDtypeStruct(qg.shape, qg.dtype), jax.ShapeDtypeStruct(qg.shape[:-1], jnp.float32))
     return _call(
         _forward_kernel, plan, grid, _walk_specs(plan, S, D, meta.shape[-1]), (_q_spec(plan, D), _row_spec(plan)),
         out_shape, args, "sparseformer_block_sparse_fwd", D,
@@ -436,7 +438,8 @@ def _forward(plan: Plan, qg, k, v, meta, kmask):
 def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse):
     B, Hk, R, TR, D = qg.shape
     S, n, m, b = k.shape[2], plan.num_query_blocks, plan.num_key_blocks, plan.block
-    dd = jnp.sum(d_out * out, axis=-1) - d_lse  # delta minus the log-sum-exp's own cotangent
+    dd = _delta(out, d_out, d_lse)
+    d_out = d_out.astype(qg.dtype)  # the kernels multiply in the inputs' dtype: half the bytes to read
     mask_args = (kmask,) if plan.has_mask else ()
 
     dq = _call(
@@ -487,6 +490,12 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     return dq, reduce(dk, dk_x), reduce(dv, dv_x)
 
 
+def _delta(out, d_out, d_lse):
+    """`rowsum(d_out * out) - d_lse` in float32: flash attention's delta minus the log-sum-exp's
+    own cotangent."""
+    return jnp.einsum("...d,...d->...", d_out, out, preferred_element_type=jnp.float32) - d_lse
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
     return _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask)[0]
@@ -530,8 +539,9 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
       kv_mask: `[B, S]` bool key mask, or None.
 
     Returns:
-      out `[B, H, T, D]` float32 (zero rows where nothing is allowed) and its log-sum-exp
-      `[B, H, T]` (LOG0 there): the same as the `scan` and `masked` kernels.
+      out `[B, H, T, D]` in q's dtype (zero rows where nothing is allowed) and its float32
+      log-sum-exp `[B, H, T]` (LOG0 there): the same as the `scan` and `masked` kernels, which
+      return a float32 output.
     """
     B, H, T, D = q_BHTD.shape
     Hk, S = k_BHkSD.shape[1], k_BHkSD.shape[2]
