@@ -74,7 +74,7 @@ def _weighted_sum_bwd(res, d_out):
     d_out = d_out.astype(jnp.float32)
     d_nums = tuple((w[..., None] * d_out).astype(n.dtype) for n, w in zip(nums, weights))
     d_weights = tuple(
-        jnp.einsum("...d,...d->...", d_out, n, preferred_element_type=jnp.float32).astype(w.dtype)
+        jnp.sum(d_out * n.astype(jnp.float32), axis=-1).astype(w.dtype)
         for n, w in zip(nums, weights)
     )
     return d_nums, d_weights

@@ -496,24 +496,46 @@ def _delta(out, d_out, d_lse):
     return jnp.einsum("...d,...d->...", d_out, out, preferred_element_type=jnp.float32) - d_lse
 
 
+def _to_tiles(plan: Plan, x):
+    """`[B, H, T(, D)]` -> the kernel's `[B, Hk, R, n * rows(, D)]`: a tile is `heads_per_tile` heads of
+    one query block (a reshape when a tile holds one head)."""
+    hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
+    B, H, Hk, tail = x.shape[0], x.shape[1], x.shape[1] // (R * hp), x.shape[3:]
+    x = x.reshape((B, Hk, R, hp, n, b) + tail)
+    return jnp.swapaxes(x, 3, 4).reshape((B, Hk, R, n * hp * b) + tail)
+
+
+def _from_tiles(plan: Plan, x):
+    """The inverse of `_to_tiles`."""
+    hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
+    B, Hk, tail = x.shape[0], x.shape[1], x.shape[4:]
+    x = x.reshape((B, Hk, R, n, hp, b) + tail)
+    return jnp.swapaxes(x, 3, 4).reshape((B, Hk * R * hp, n * b) + tail)
+
+
+# The custom VJP takes and returns the `[B, H, T, D]` layout, so what it saves for the backward pass
+# (q and the output) are the very arrays the rest of `attend` holds, not tiled copies of them.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
-    return _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask)[0]
+def _fused(plan, q, k, v, meta, idx, valid, row_start, qids, kmask):
+    return _fused_fwd(plan, q, k, v, meta, idx, valid, row_start, qids, kmask)[0]
 
 
-def _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
+def _fused_fwd(plan, q, k, v, meta, idx, valid, row_start, qids, kmask):
+    qg = _to_tiles(plan, q)
     if plan.tpu:
         from sparseformer.attention import pallas_tpu
 
         out, lse = pallas_tpu.forward(plan, qg, k, v, meta, kmask)
     else:
         out, lse = _forward(plan, qg, k, v, meta, kmask)
-    return (out, lse), (qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse)
+    out, lse = _from_tiles(plan, out), _from_tiles(plan, lse)
+    return (out, lse), (q, k, v, meta, idx, valid, row_start, qids, kmask, out, lse)
 
 
 def _fused_bwd(plan, res, cts):
-    qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
-    d_out, d_lse = (x.astype(jnp.float32) for x in cts)
+    q, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
+    qg, out, lse = _to_tiles(plan, q), _to_tiles(plan, out), _to_tiles(plan, lse)
+    d_out, d_lse = (_to_tiles(plan, x.astype(jnp.float32)) for x in cts)
     if plan.tpu:
         from sparseformer.attention import pallas_tpu
 
@@ -522,7 +544,8 @@ def _fused_bwd(plan, res, cts):
     else:
         pieces, entries = inverted_lists(plan, idx, valid, row_start)
         dq, dk, dv = _backward(plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse)
-    return (dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
+    dq = _from_tiles(plan, dq)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -543,9 +566,8 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
       log-sum-exp `[B, H, T]` (LOG0 there): the same as the `scan` and `masked` kernels, which
       return a float32 output.
     """
-    B, H, T, D = q_BHTD.shape
-    Hk, S = k_BHkSD.shape[1], k_BHkSD.shape[2]
-    G = selection.group
+    H, D = q_BHTD.shape[1], q_BHTD.shape[3]
+    Hk, G = k_BHkSD.shape[1], selection.group
     if H != Hk * G:
         raise ValueError(f"model.attention: {H} query heads for {Hk} key/value heads and group {G}")
     reason = unsupported_reason(selection.block_size, D)
@@ -554,12 +576,10 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
     plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None)
     if plan.tpu and q_BHTD.dtype == jnp.float16:
         raise ValueError("model.attention.selection.kernel: 'pallas' on a TPU takes float32 or bfloat16, not float16")
-    hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
+    b = plan.block
     first = lambda x: None if x is None else x[:, ::G]  # noqa: E731 (one head per group)
     idx, valid, row_start = first(selection.idx), first(selection.valid), first(selection.row_start)
     meta = forward_lists(plan, idx, valid, row_start, selection.qids)
-    # [B, H, T, D] = [B, Hk, R, hp, n, b, D] -> [B, Hk, R, n * hp * b, D]: a tile is hp heads of one block
-    qg = q_BHTD.reshape(B, Hk, R, hp, n, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, Hk, R, n * hp * b, D)
     if kv_mask is None:
         kmask = None
     elif plan.tpu:
@@ -568,7 +588,4 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
         kmask = key_mask(kv_mask, b)
     else:
         kmask = kv_mask.astype(jnp.int32)
-    out, lse = _fused(plan, qg, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)
-    out = out.reshape(B, Hk, R, n, hp, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, H, T, D)
-    lse = lse.reshape(B, Hk, R, n, hp, b).transpose(0, 1, 2, 4, 3, 5).reshape(B, H, T)
-    return out, lse
+    return _fused(plan, q_BHTD, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)
