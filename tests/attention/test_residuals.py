@@ -35,3 +35,10 @@ def test_the_command_writes_json_and_markdown(tmp_path):
     assert [r["name"] for r in rows] == ["dense_pallas", "local"]
     assert all(r["by_source"] and r["residual_bytes"] == sum(r["by_source"].values()) for r in rows)
     assert "| local |" in (tmp_path / "residuals.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["bigbird", "longformer"])
+def test_global_query_rows_keep_no_rows_by_keys_probabilities(name):
+    """The global rows see every key in chunks (`dense_attention_chunked`): 16 chunk outputs, not
+    the float32 `R x S` probabilities (10.3 and 8.2 arrays here before)."""
+    assert _arrays(name, length=2048) < 7.0
