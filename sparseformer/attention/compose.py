@@ -117,7 +117,7 @@ def attend(
     mult = block_multiple(config, causal=causal)
     T_pad, S_pad = -(-T // mult) * mult, -(-S // mult) * mult
     qh = _pad_to(jnp.swapaxes(q * jnp.asarray(D**-0.5, q.dtype), 1, 2), 2, T_pad)
-    kh_kv = _pad_to(jnp.swapaxes(k, 1, 2), 2, S_pad)  # [B, Hk, S, D]: what the fused kernel reads
+    kh_kv = _pad_to(jnp.swapaxes(k, 1, 2), 2, S_pad)  # [B, Hk, S, D]
     vh_kv = _pad_to(jnp.swapaxes(v, 1, 2), 2, S_pad)
     kh, vh = (jnp.repeat(x, group, axis=1) for x in (kh_kv, vh_kv)) if group > 1 else (kh_kv, vh_kv)
     if padded:
@@ -153,8 +153,14 @@ def attend(
         if kernel == "masked":
             kv_m = kv_mask if padded else None
             out_b, lse_b = masked_block_attention(causal, q_used, kh, vh, selection, kv_m, q_pos)
-        elif kernel == "pallas":
-            out_b, lse_b = fused_block_attention(causal, q_used, kh_kv, vh_kv, selection, kv_mask if padded else None)
+        elif kernel == "pallas":  # reads q, k, v in attend's own [B, T, H, D] layout, scaling q itself
+            q_in = _pad_to(q, 1, T_pad)
+            if query_block is not None:
+                q_in = jax.lax.dynamic_slice_in_dim(q_in, q_pos[0], Tq, axis=1)
+            out_b, lse_b = fused_block_attention(
+                causal, q_in, _pad_to(k, 1, S_pad), _pad_to(v, 1, S_pad), selection, kv_mask if padded else None,
+                layout="BTHD", scale=D**-0.5,
+            )
         else:
             idx, valid, start = selection.idx, selection.valid, selection.row_start
             out_b, lse_b = block_sparse_attention(causal, qb, kb, vb, idx, valid, start, kmask_b, qids)
@@ -183,7 +189,8 @@ def attend(
     n_global_rows = sel_cfg.global_blocks * sel_cfg.block_size if global_rows else 0
     n_global_rows = min(n_global_rows, Tq)
     if n_global_rows and query_block is None:  # BigBird's global queries see every key
-        out_g, _ = dense_attention_chunked(qh[:, :, :n_global_rows], kh, vh, kv_mask=kv_mask)
+        out_g, _ = dense_attention_chunked(qh[:, :, :n_global_rows], _pad_to(k, 1, S_pad), _pad_to(v, 1, S_pad),
+                                           kv_mask=kv_mask)
         out = out.at[:, :, :n_global_rows].set(out_g)
 
     aux = {"aux_loss": jnp.zeros((), jnp.float32), "fidelity": jnp.zeros((), jnp.float32),

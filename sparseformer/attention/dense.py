@@ -74,30 +74,33 @@ KEY_CHUNKS = 16
 
 
 def dense_attention_chunked(
-    q_BHRD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, *, kv_mask: jax.Array | None = None, chunk: int | None = None
+    q_BHRD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *, kv_mask: jax.Array | None = None, chunk: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """`dense_attention` (bidirectional) for a few query rows against many keys, in chunks of keys.
 
-    Each chunk is an exact softmax over its keys, rematerialised in the backward pass and read
-    from `k`/`v` by a dynamic slice, and the chunks are merged by their log-sum-exps: the backward
-    pass keeps each chunk's `[B, H, R, D]` output and `[B, H, R]` log-sum-exp, not the `R x S`
-    probabilities (BigBird's global query rows see every key: 256 MiB of float32 probabilities for
-    128 rows at 64K tokens and 8 heads). `chunk` divides S; by default `S / KEY_CHUNKS` (one call
-    when S is not a multiple of `KEY_CHUNKS` or under 1024 keys)."""
-    S = k_BHSD.shape[2]
+    `q [B, H, R, D]` scaled by 1/sqrt(D); `k, v [B, S, Hk, D]` in the public layout (`H % Hk == 0`).
+    Each chunk is an exact softmax over its keys, read from `k`/`v` in place by a dynamic slice (made
+    head-major inside the chunk) and rematerialised in the backward pass; the chunks are merged by
+    their log-sum-exps. So the backward pass keeps the caller's k and v and each chunk's
+    `[B, H, R, D]` output and `[B, H, R]` log-sum-exp, not the `R x S` probabilities (BigBird's
+    global query rows see every key: 256 MiB of float32 probabilities for 128 rows at 64K tokens
+    and 8 heads) nor head-major copies of k and v. `chunk` divides S; by default `S / KEY_CHUNKS`
+    (one chunk when S is not a multiple of `KEY_CHUNKS` or under 1024 keys)."""
+    S = k_BSHD.shape[1]
+    group = q_BHRD.shape[1] // k_BSHD.shape[2]
     if chunk is None:
         chunk = S // KEY_CHUNKS if S % KEY_CHUNKS == 0 and S >= 1024 else S
-    if chunk >= S:
-        return dense_attention(q_BHRD, k_BHSD, v_BHSD, kv_mask=kv_mask)
     if S % chunk:
         raise ValueError(f"dense_attention_chunked: chunk {chunk} does not divide {S} keys")
 
     @jax.checkpoint
     def one(c):
-        sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=axis)  # noqa: E731
-        mask = None if kv_mask is None else sl(kv_mask, 1)
-        return dense_attention(q_BHRD, sl(k_BHSD, 2), sl(v_BHSD, 2), kv_mask=mask)
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
+        k_c, v_c = (jnp.repeat(jnp.swapaxes(sl(x), 1, 2), group, axis=1) for x in (k_BSHD, v_BSHD))
+        return dense_attention(q_BHRD, k_c, v_c, kv_mask=None if kv_mask is None else sl(kv_mask))
 
+    if chunk >= S:
+        return one(0)
     outs, lses = jax.lax.map(one, jnp.arange(S // chunk))  # [C, B, H, R, D], [C, B, H, R]
     lse = jax.scipy.special.logsumexp(lses, axis=0)
     has = lse > LOG0 / 2

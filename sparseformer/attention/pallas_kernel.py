@@ -124,6 +124,10 @@ class Plan:
     has_mask: bool
     interpret: bool
     tpu: bool = False  # the Mosaic TPU kernels of `pallas_tpu` instead of the Triton ones
+    # q, k, v (and dq, dk, dv) in the public `[B, T, H, D]` layout, read in place (one head per tile,
+    # Triton): no head-major copies of the inputs; q is scaled by `scale` as it is loaded
+    bthd: bool = False
+    scale: float = 1.0
 
     @property
     def rows(self) -> int:
@@ -272,11 +276,16 @@ def pair_mask(plan: Plan, qid, blk, start, kmask_ref_or_block):
     return mask
 
 
+def _scaled(plan: Plan, q):
+    """A loaded query tile times the plan's scale, in its own dtype (as `attend` scales q)."""
+    return q if plan.scale == 1.0 else q * jnp.asarray(plan.scale, q.dtype)
+
+
 def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
     kmask_ref = refs[0] if plan.has_mask else None
     o_ref, lse_ref = refs[-2:]
     b, rows, K = plan.block, plan.rows, plan.slots
-    q = q_ref[...]
+    q = _scaled(plan, q_ref[...])
     count, qid = meta_ref[0], meta_ref[1]
 
     def body(j, carry):
@@ -310,7 +319,7 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
     kmask_ref = refs[0] if plan.has_mask else None
     do_ref, lse_ref, dd_ref, dq_ref = refs[-4:]
     b, K = plan.block, plan.slots
-    q = q_ref[...]
+    q = _scaled(plan, q_ref[...])
     do = do_ref[...].astype(q.dtype)
     lse, dd = lse_ref[...], dd_ref[...]
     count, qid = meta_ref[0], meta_ref[1]
@@ -327,7 +336,8 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
         ds = p * (_dot_t(do, v_ref[keys, :]) - dd[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq_ref[...] = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * plan.scale if plan.scale != 1.0 else dq).astype(dq_ref.dtype)  # d/dq of (scale * q)
 
 
 def _dkv_kernel(pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
@@ -348,7 +358,7 @@ def _dkv_kernel(pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref, *refs, pl
         mask = pair_mask(plan, qid, blk, start, kmask)
         q_rows = pl.ds(i * rows, rows)
         for r in range(R):  # every query head of the group, a tile at a time
-            q = q_ref[r, q_rows, :]
+            q = _scaled(plan, q_ref[q_rows, r, :] if plan.bthd else q_ref[r, q_rows, :])
             do = do_ref[r, q_rows, :].astype(q.dtype)
             p = jnp.exp(_dot_t(q, k) - lse_ref[r, q_rows][:, None])
             if mask is not None:
@@ -402,6 +412,12 @@ def _q_spec(plan: Plan, D: int):  # [B, Hk, R, n*rows, D] -> one query tile
     return pl.BlockSpec((None, None, None, plan.rows, D), lambda i, bb, h: (bb, h // R, h % R, i, 0))
 
 
+def _q_in_spec(plan: Plan, D: int):  # q (and dq): a query tile, read in place from [B, T, H, D] when bthd
+    if plan.bthd:  # one head a tile: program h is query head h
+        return pl.BlockSpec((None, plan.block, None, D), lambda i, bb, h: (bb, i, h, 0))
+    return _q_spec(plan, D)
+
+
 def _row_spec(plan: Plan):  # [B, Hk, R, n*rows] -> one tile's rows
     R = plan.tiles_per_group
     return pl.BlockSpec((None, None, None, plan.rows), lambda i, bb, h: (bb, h // R, h % R, i))
@@ -410,25 +426,36 @@ def _row_spec(plan: Plan):  # [B, Hk, R, n*rows] -> one tile's rows
 def _walk_specs(plan: Plan, S: int, D: int, M: int):
     """Specs of (meta, q, k, v[, kmask]) for the programs that walk a query block's list."""
     R = plan.tiles_per_group
-    specs = [
-        pl.BlockSpec((None, None, None, M), lambda i, bb, h: (bb, h // R, i, 0)),
-        _q_spec(plan, D),
-        pl.BlockSpec((None, None, S, D), lambda i, bb, h: (bb, h // R, 0, 0)),
-        pl.BlockSpec((None, None, S, D), lambda i, bb, h: (bb, h // R, 0, 0)),
-    ]
+    if plan.bthd:  # [B, S, Hk, D]: the key/value head's rows, strided
+        kv = pl.BlockSpec((None, S, None, D), lambda i, bb, h: (bb, 0, h // R, 0))
+    else:
+        kv = pl.BlockSpec((None, None, S, D), lambda i, bb, h: (bb, h // R, 0, 0))
+    specs = [pl.BlockSpec((None, None, None, M), lambda i, bb, h: (bb, h // R, i, 0)), _q_in_spec(plan, D), kv, kv]
     if plan.has_mask:
         specs.append(pl.BlockSpec((None, S), lambda i, bb, h: (bb, 0)))
     return specs
 
 
+def _tiles_shape(plan: Plan, q, k):
+    """`[B, Hk, R, n * rows, D]`: the head-major tiles the output, its log-sum-exp and d_out use."""
+    if not plan.bthd:
+        return q.shape
+    B, T, _, D = q.shape
+    return (B, k.shape[2], plan.tiles_per_group, T * plan.heads_per_tile, D)
+
+
+def _kv_len(plan: Plan, k) -> int:
+    return k.shape[1] if plan.bthd else k.shape[2]
+
+
 def _forward(plan: Plan, qg, k, v, meta, kmask):
-    B, Hk, R, TR, D = qg.shape
-    S, n = k.shape[2], plan.num_query_blocks
+    B, Hk, R, TR, D = tiles = _tiles_shape(plan, qg, k)
+    S, n = _kv_len(plan, k), plan.num_query_blocks
     grid = (n, B, Hk * R)
     args = (meta, qg, k, v) + ((kmask,) if plan.has_mask else ())
     # the output in the inputs' dtype (as flash attention stores it): half the memory the backward
     # keeps in bfloat16; the log-sum-exp stays float32
-    out_shape = (jax.ShapeDtypeStruct(qg.shape, qg.dtype), jax.ShapeDtypeStruct(qg.shape[:-1], jnp.float32))
+    out_shape = (jax.ShapeDtypeStruct(tiles, qg.dtype), jax.ShapeDtypeStruct(tiles[:-1], jnp.float32))
     return _call(
         _forward_kernel, plan, grid, _walk_specs(plan, S, D, meta.shape[-1]), (_q_spec(plan, D), _row_spec(plan)),
         out_shape, args, "sparseformer_block_sparse_fwd", D,
@@ -436,8 +463,8 @@ def _forward(plan: Plan, qg, k, v, meta, kmask):
 
 
 def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse):
-    B, Hk, R, TR, D = qg.shape
-    S, n, m, b = k.shape[2], plan.num_query_blocks, plan.num_key_blocks, plan.block
+    B, Hk, R, TR, D = _tiles_shape(plan, qg, k)
+    S, n, m, b = _kv_len(plan, k), plan.num_query_blocks, plan.num_key_blocks, plan.block
     dd = _delta(out, d_out, d_lse)
     d_out = d_out.astype(qg.dtype)  # the kernels multiply in the inputs' dtype: half the bytes to read
     mask_args = (kmask,) if plan.has_mask else ()
@@ -445,16 +472,25 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     dq = _call(
         _dq_kernel, plan, (n, B, Hk * R),
         _walk_specs(plan, S, D, meta.shape[-1]) + [_q_spec(plan, D), _row_spec(plan), _row_spec(plan)],
-        _q_spec(plan, D), jax.ShapeDtypeStruct(qg.shape, jnp.float32),
+        _q_in_spec(plan, D), jax.ShapeDtypeStruct(qg.shape, qg.dtype if plan.bthd else jnp.float32),
         (meta, qg, k, v) + mask_args + (d_out, lse, dd), "sparseformer_block_sparse_dq", D,
     )
 
     P = pieces.shape[2]
     n_pad = _next_pow2(n)
     qids_p = jnp.pad(qids.astype(jnp.int32), (0, n_pad - n))
-    whole_q = pl.BlockSpec((None, None, R, TR, D), lambda p, bb, hk: (bb, hk, 0, 0, 0))
+    whole_tiles = pl.BlockSpec((None, None, R, TR, D), lambda p, bb, hk: (bb, hk, 0, 0, 0))
     whole_rows = pl.BlockSpec((None, None, R, TR), lambda p, bb, hk: (bb, hk, 0, 0))
-    whole_kv = pl.BlockSpec((None, None, S, D), lambda p, bb, hk: (bb, hk, 0, 0))
+    if plan.bthd:  # the group's R query heads and the key/value head, read in place
+        whole_q = pl.BlockSpec((None, TR, R, D), lambda p, bb, hk: (bb, 0, hk, 0))
+        whole_kv = pl.BlockSpec((None, S, None, D), lambda p, bb, hk: (bb, 0, hk, 0))
+        key_block = lambda j: pl.BlockSpec((None, b, None, D), lambda p, bb, hk: (bb, j(p), hk, 0))  # noqa: E731
+        grad_shape = (B, S, Hk, D)
+    else:
+        whole_q = whole_tiles
+        whole_kv = pl.BlockSpec((None, None, S, D), lambda p, bb, hk: (bb, hk, 0, 0))
+        key_block = lambda j: pl.BlockSpec((None, None, b, D), lambda p, bb, hk: (bb, hk, j(p), 0))  # noqa: E731
+        grad_shape = (B, Hk, S, D)
     in_specs = [
         pl.BlockSpec((None, None, None, 4), lambda p, bb, hk: (bb, hk, p, 0)),
         pl.BlockSpec((None, None, entries.shape[-1]), lambda p, bb, hk: (bb, hk, 0)),
@@ -463,10 +499,10 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     ]
     if plan.has_mask:
         in_specs.append(pl.BlockSpec((None, S), lambda p, bb, hk: (bb, 0)))
-    in_specs += [whole_q, whole_rows, whole_rows]
-    first_out = pl.BlockSpec((None, None, b, D), lambda p, bb, hk: (bb, hk, jnp.minimum(p, m - 1), 0))
+    in_specs += [whole_tiles, whole_rows, whole_rows]
+    first_out = key_block(lambda p: jnp.minimum(p, m - 1))
     extra_out = pl.BlockSpec((None, None, None, b, D), lambda p, bb, hk: (bb, hk, jnp.maximum(p - m, 0), 0, 0))
-    first_shape = jax.ShapeDtypeStruct((B, Hk, S, D), jnp.float32)
+    first_shape = jax.ShapeDtypeStruct(grad_shape, jnp.float32)
     extra_shape = jax.ShapeDtypeStruct((B, Hk, P - m, b, D), jnp.float32)
     dk, dv, dk_x, dv_x = _call(
         _dkv_kernel, plan, (P, B, Hk), in_specs, (first_out, first_out, extra_out, extra_out),
@@ -477,9 +513,9 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     red_specs = [
         pl.BlockSpec((None, None, None, 2), lambda j, bb, hk: (bb, hk, j, 0)),
         pl.BlockSpec((None, None, P - m, b, D), lambda j, bb, hk: (bb, hk, 0, 0, 0)),
-        pl.BlockSpec((None, None, b, D), lambda j, bb, hk: (bb, hk, j, 0)),
+        key_block(lambda j: j),
     ]
-    red_out = pl.BlockSpec((None, None, b, D), lambda j, bb, hk: (bb, hk, j, 0))
+    red_out = key_block(lambda j: j)
 
     def reduce(first, extra):  # adds the further pieces in place (the first pieces' buffer is the output)
         return _call(
@@ -521,7 +557,7 @@ def _fused(plan, q, k, v, meta, idx, valid, row_start, qids, kmask):
 
 
 def _fused_fwd(plan, q, k, v, meta, idx, valid, row_start, qids, kmask):
-    qg = _to_tiles(plan, q)
+    qg = q if plan.bthd else _to_tiles(plan, q)
     if plan.tpu:
         from sparseformer.attention import pallas_tpu
 
@@ -534,7 +570,8 @@ def _fused_fwd(plan, q, k, v, meta, idx, valid, row_start, qids, kmask):
 
 def _fused_bwd(plan, res, cts):
     q, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
-    qg, out, lse = _to_tiles(plan, q), _to_tiles(plan, out), _to_tiles(plan, lse)
+    qg = q if plan.bthd else _to_tiles(plan, q)
+    out, lse = _to_tiles(plan, out), _to_tiles(plan, lse)
     d_out, d_lse = (_to_tiles(plan, x.astype(jnp.float32)) for x in cts)
     if plan.tpu:
         from sparseformer.attention import pallas_tpu
@@ -544,38 +581,55 @@ def _fused_bwd(plan, res, cts):
     else:
         pieces, entries = inverted_lists(plan, idx, valid, row_start)
         dq, dk, dv = _backward(plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse)
-    dq = _from_tiles(plan, dq)
+    dq = dq if plan.bthd else _from_tiles(plan, dq)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_mask=None):
+def fused_block_attention(causal: bool, q, k, v, selection, kv_mask=None, *, layout: str = "BHTD", scale: float = 1.0):
     """Exact attention of each query block over its chosen key blocks, fused (see the module).
 
     Args:
       causal: the causal mask (inside diagonal blocks; selection never picks a future block).
-      q_BHTD: `[B, H, T, D]` queries, scaled by 1/sqrt(D); `T = n * block_size` (the selection's rows).
-      k_BHkSD, v_BHkSD: `[B, Hk, S, D]` keys and values, one per key/value head (`H = Hk * group`).
+      q: `[B, H, T, D]` queries (layout "BHTD") or `[B, T, H, D]` ("BTHD"); `T = n * block_size`
+        (the selection's rows). Multiplied by `scale` (`attend` passes 1/sqrt(D) with "BTHD" and
+        queries already scaled with "BHTD").
+      k, v: `[B, Hk, S, D]` keys and values ("BHTD") or `[B, S, Hk, D]` ("BTHD"), one per key/value
+        head (`H = Hk * group`).
       selection: the `Selection` (its `group` heads share one choice: the first head's is used).
       kv_mask: `[B, S]` bool key mask, or None.
+      layout: "BTHD" reads q, k, v in place (the layout `attend` receives), so the backward pass keeps
+        the caller's arrays rather than head-major copies, and returns dq, dk, dv in it too (one
+        query head a tile, on a GPU; otherwise the arrays are transposed once here).
 
     Returns:
       out `[B, H, T, D]` in q's dtype (zero rows where nothing is allowed) and its float32
-      log-sum-exp `[B, H, T]` (LOG0 there): the same as the `scan` and `masked` kernels, which
-      return a float32 output.
+      log-sum-exp `[B, H, T]` (LOG0 there), head-major in both layouts: the same as the `scan` and
+      `masked` kernels, which return a float32 output.
     """
-    H, D = q_BHTD.shape[1], q_BHTD.shape[3]
-    Hk, G = k_BHkSD.shape[1], selection.group
+    if layout not in ("BHTD", "BTHD"):
+        raise ValueError(f"fused_block_attention: layout {layout!r}; allowed: 'BHTD', 'BTHD'")
+    bthd = layout == "BTHD"
+    H, D = (q.shape[2], q.shape[3]) if bthd else (q.shape[1], q.shape[3])
+    Hk, G = (k.shape[2] if bthd else k.shape[1]), selection.group
     if H != Hk * G:
         raise ValueError(f"model.attention: {H} query heads for {Hk} key/value heads and group {G}")
     reason = unsupported_reason(selection.block_size, D)
     if reason:
         raise ValueError(f"model.attention.selection.kernel: 'pallas' cannot run: {reason}")
     plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None)
-    if plan.tpu and q_BHTD.dtype == jnp.float16:
+    if plan.tpu and q.dtype == jnp.float16:
         raise ValueError("model.attention.selection.kernel: 'pallas' on a TPU takes float32 or bfloat16, not float16")
+    if bthd and (plan.tpu or plan.heads_per_tile > 1):
+        # Mosaic TPU tiles and a tile of several heads need the head-major layout: transpose here
+        q = jnp.swapaxes(q * jnp.asarray(scale, q.dtype) if scale != 1.0 else q, 1, 2)
+        k, v, bthd, scale = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), False, 1.0
+    elif not bthd and scale != 1.0:
+        q = q * jnp.asarray(scale, q.dtype)
+        scale = 1.0
+    plan = dataclasses.replace(plan, bthd=bthd, scale=float(scale))
     b = plan.block
     first = lambda x: None if x is None else x[:, ::G]  # noqa: E731 (one head per group)
     idx, valid, row_start = first(selection.idx), first(selection.valid), first(selection.row_start)
@@ -588,4 +642,5 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
         kmask = key_mask(kv_mask, b)
     else:
         kmask = kv_mask.astype(jnp.int32)
-    return _fused(plan, q_BHTD, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)
+    out, lse = _fused(plan, q, k, v, meta, idx, valid, row_start, selection.qids, kmask)
+    return out, lse

@@ -34,38 +34,48 @@ CASES = {
 TARGETS = {"triton": contextlib.nullcontext, "tpu": pallas_kernel.tpu_interpret}
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case, target):
+# how the fused kernel receives q, k, v: head-major (`[B, H, T, D]`, q scaled), or `attend`'s own
+# `[B, T, H, D]` read in place (one head a tile; scaled as it is loaded), or that layout with tiles
+# of two heads (GQA), which the kernel transposes itself
+LAYOUTS = {"BHTD": ("BHTD", 2), "BTHD": ("BTHD", 1), "BTHD-two-heads-a-tile": ("BTHD", 2)}
+RUNS = [(t, c, "BHTD") for t in TARGETS for c in CASES] + [("triton", c, lay) for c in CASES for lay in LAYOUTS if lay != "BHTD"]
+
+
+@pytest.mark.parametrize("target,case,layout", RUNS)
+def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case, target, layout):
     causal, dtype, b, G, padding, row_starts = CASES[case]
+    kind, heads_a_tile = LAYOUTS[layout]
     monkeypatch.setattr(pallas_kernel, "LIST_PIECE", 2)  # long inverted lists in pieces, summed in order
-    monkeypatch.setattr(pallas_kernel, "MAX_TILE_ELEMENTS", 2 * b * 16)  # 2 heads a tile: groups span tiles
+    monkeypatch.setattr(pallas_kernel, "MAX_TILE_ELEMENTS", heads_a_tile * b * 16)  # 2: groups span tiles
     monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET", 448)  # TPU: lists of 1-2 (batch, kv head) pairs per call
     B, H, n, D = 2, 4, 4, 16
     T = n * b
     q, k, v = (x.astype(dtype) for x in random_qkv(jax.random.key(0), B=B, T=T, H=H, D=D, scale=1.0))
-    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q * D**-0.5, k[:, :, ::G], v[:, :, ::G]))  # k, v: [B, Hk, S, D]
+    k, v = k[:, :, ::G], v[:, :, ::G]  # [B, S, Hk, D]
     kv_mask = jnp.ones((B, T), bool).at[1, T - b // 2 :].set(False).at[0, 3:5].set(False) if padding else None
     sel = _selection(1, B=B, H=H, G=G, n=n, b=b, causal=causal, row_starts=row_starts)
     w_out = jax.random.normal(jax.random.key(2), (B, H, T, D))
     w_lse = jax.random.normal(jax.random.key(3), (B, H, T))
+    head_major = lambda q, k, v: (jnp.swapaxes(q * jnp.asarray(D**-0.5, q.dtype), 1, 2),  # noqa: E731
+                                  jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
 
-    def fused(qh, kh, vh):
-        out, lse = pallas_kernel.fused_block_attention(causal, qh, kh, vh, sel, kv_mask)
-        return out, lse
+    def fused(q, k, v):
+        if kind == "BTHD":
+            return pallas_kernel.fused_block_attention(causal, q, k, v, sel, kv_mask, layout="BTHD", scale=D**-0.5)
+        return pallas_kernel.fused_block_attention(causal, *head_major(q, k, v), sel, kv_mask)
 
-    def scan(qh, kh, vh):
-        return scan_block_attention(causal, qh, kh, vh, sel, kv_mask)
+    def scan(q, k, v):
+        return scan_block_attention(causal, *head_major(q, k, v), sel, kv_mask)
 
     results = {}
     for name, fn in (("fused", fused), ("scan", scan)):
-        def loss(qh, kh, vh, fn=fn):
-            out, lse = fn(qh, kh, vh)
+        def loss(q, k, v, fn=fn):
+            out, lse = fn(q, k, v)
             keep = lse > -1e29  # rows with nothing allowed carry no log-sum-exp gradient
             return jnp.sum(out * w_out) + jnp.sum(jnp.where(keep, lse, 0.0) * w_lse), (out, lse)
 
         with TARGETS[target]():
-            results[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(qh, kh, vh)
+            results[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     (_, (out_f, lse_f)), g_f = results["fused"]
     (_, (out_s, lse_s)), g_s = results["scan"]
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -75,7 +85,7 @@ def test_fused_kernel_equals_scan_kernel_with_gradients(monkeypatch, case, targe
         assert a.dtype == c.dtype == dtype
         assert rel_error(a, c) < (1e-4 if dtype == jnp.float32 else 3e-2)
     if padding:  # padded keys get no gradient
-        assert float(jnp.max(jnp.abs(g_f[1][1, :, T - b // 2 :].astype(jnp.float32)))) == 0.0
+        assert float(jnp.max(jnp.abs(g_f[1][1, T - b // 2 :].astype(jnp.float32)))) == 0.0
 
 
 def test_unused_slots_are_not_visited():

@@ -1,7 +1,7 @@
 """What the backward pass keeps (saved residuals, traced only: `sparseformer.bench.residuals`).
 
 A fused dense kernel keeps its output and a float32 log-sum-exp; the fused sparse kernel's presets
-must stay within a few such arrays, so a change that keeps a float32 copy, a tiled duplicate or a
+must stay close to that, so a change that keeps a float32 copy, a tiled duplicate or a
 `T x S/b` tensor for the backward fails here before it costs memory on a GPU."""
 
 import json
@@ -23,10 +23,12 @@ def test_a_fused_dense_kernel_keeps_its_output_and_log_sum_exp():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_the_fused_kernel_keeps_its_inputs_output_and_log_sum_exp(causal):
-    """`local`: the head-major q, k, v the kernel reads, its output (in the inputs' dtype, not
-    float32) and the log-sum-exp; the merge keeps nothing more of size [B, T, H, D]."""
-    assert _arrays("local", causal=causal) < 4.2
+def test_the_fused_kernel_keeps_what_a_fused_dense_kernel_keeps(causal):
+    """`local`: the kernel reads q, k, v in place (the caller's arrays, not head-major copies) and
+    keeps its output (in the inputs' dtype, not float32) and log-sum-exp, as flash attention does;
+    the merge keeps nothing more of size [B, T, H, D]. (4.1 arrays with head-major copies, 6.1
+    with a float32 output and tiled duplicates.)"""
+    assert _arrays("local", causal=causal) < 1.2
 
 
 def test_the_command_writes_json_and_markdown(tmp_path):
@@ -39,6 +41,6 @@ def test_the_command_writes_json_and_markdown(tmp_path):
 
 @pytest.mark.parametrize("name", ["bigbird", "longformer"])
 def test_global_query_rows_keep_no_rows_by_keys_probabilities(name):
-    """The global rows see every key in chunks (`dense_attention_chunked`): 16 chunk outputs, not
-    the float32 `R x S` probabilities (10.3 and 8.2 arrays here before)."""
-    assert _arrays(name, length=2048) < 7.0
+    """The global rows see every key in chunks (`dense_attention_chunked`) read in place: 16 chunk
+    outputs, not the float32 `R x S` probabilities (10.3 and 8.2 arrays here before)."""
+    assert _arrays(name, length=2048) < 3.5
