@@ -16,7 +16,9 @@ in `extras`:
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ from sparseformer.attention.config import pool_block_size
 from sparseformer.attention.correction import Branch
 from sparseformer.attention.dense import LOG0, masked_softmax
 from sparseformer.attention.registry import COMPRESSIONS
-from sparseformer.attention.selection import Selection, _gather, _slots, map_chunks, slot_mask, to_blocks
+from sparseformer.attention.selection import Selection, _gather, _slots, slot_mask, to_blocks
 
 TINY = 1e-30
 
@@ -54,19 +56,21 @@ def _expand_blocks(block_mask_BHRm: jax.Array, S: int) -> jax.Array:
 def _pool_summaries(k, v, kv_mask, p):
     """Mean key and value of each chunk of `p` keys, the count of real keys, and the keys'
     variance around their mean (averaged over dimensions): `[B, H, nc, D]` x 2, `[B|1, 1, nc]`,
-    `[B, H, nc]`."""
+    `[B, H, nc]`. The sum of squares is one float32-accumulating contraction of `k` with itself,
+    so the backward pass keeps `k` (kept anyway), not a float32 copy of it."""
     B, H, S, D = k.shape
     kc, vc = k.reshape(B, H, S // p, p, D), v.reshape(B, H, S // p, p, D)
+    k_sq_tok = jnp.einsum("bhsd,bhsd->bhs", k, k, preferred_element_type=jnp.float32).reshape(B, H, S // p, p)
     if kv_mask is None:
         k_mean = jnp.mean(kc, 3, dtype=jnp.float32)
-        k_sq = jnp.mean(jnp.square(kc.astype(jnp.float32)), (3, 4))
+        k_sq = jnp.mean(k_sq_tok, 3) / D
         cnt, v_mean = jnp.full((1, 1, S // p), float(p)), jnp.mean(vc, 3)
     else:
         w = kv_mask.reshape(B, 1, S // p, p, 1).astype(jnp.float32)
         cnt = jnp.sum(w, axis=3)[..., 0]  # [B, 1, nc]
         safe = jnp.maximum(cnt, 1.0)[..., None]
         k_mean = jnp.sum(kc * w, 3) / safe
-        k_sq = jnp.sum(jnp.square(kc.astype(jnp.float32)) * w, (3, 4)) / (safe[..., 0] * D)
+        k_sq = jnp.sum(k_sq_tok * w[..., 0], 3) / (safe[..., 0] * D)
         v_mean = jnp.sum(vc * w, 3) / safe
     var = jnp.maximum(k_sq - jnp.mean(jnp.square(k_mean), -1), 0.0)  # E[k^2] - E[k]^2
     return k_mean, v_mean, cnt, var
@@ -98,15 +102,108 @@ def _pool_chunk_mask(q_pos, cnt, p, *, causal, sel: Selection | None, rows=None)
     return mask
 
 
-# Logits of one chunk of query rows against every summary token, per (batch, head): the pooled
-# branch is computed chunk by chunk (each chunk rematerialised in the backward pass), so neither
-# the `T x S/p` logits nor their softmax is kept, and memory grows like T, not T x S/p.
-POOL_CHUNK_ELEMENTS = 1 << 20
+# The pooled branch is computed in chunks of query rows, each holding `[B, H, rows, nc]` logits:
+# at most POOL_CHUNK_SHARE times as many elements as `[B, H, T, D]` (each float32 temporary is then
+# at most half a bfloat16 q), and at most POOL_MAX_CHUNKS chunks (on a GPU each chunk is a few kernel
+# launches), whichever gives the larger chunk.
+POOL_CHUNK_SHARE = 0.25
+POOL_MAX_CHUNKS = 64
 
 
-def pool_chunk_rows(num_rows: int, num_summaries: int) -> int:
+def pool_chunk_rows(num_rows: int, num_summaries: int, head_dim: int) -> int:
     """Query rows per chunk of the pooled branch."""
-    return max(1, min(num_rows, POOL_CHUNK_ELEMENTS // max(1, num_summaries)))
+    budget = int(POOL_CHUNK_SHARE * num_rows * head_dim / max(1, num_summaries))
+    return max(1, min(num_rows, max(budget, -(-num_rows // POOL_MAX_CHUNKS))))
+
+
+class _PoolStatic(NamedTuple):
+    p: int
+    moments: bool
+    causal: bool
+    chunk: int
+
+
+def _pool_chunk(static: _PoolStatic, i, q, q_pos, cnt, sel):
+    """Chunk `i` of the query rows: its first row (clamped so that the last chunk ends at T), which
+    of its rows are `fresh` (not covered by an earlier chunk), its queries and its summary mask."""
+    T, c = q.shape[2], static.chunk
+    start = jnp.minimum(i * c, T - c)
+    rows = start + jnp.arange(c)
+    pos = jax.lax.dynamic_slice_in_dim(q_pos, start, c)
+    mask = _pool_chunk_mask(pos, cnt, static.p, causal=static.causal, sel=sel, rows=rows)
+    return start, rows >= i * c, jax.lax.dynamic_slice_in_dim(q, start, c, axis=2), mask
+
+
+def _pool_scores(moments: bool, q_c, k_mean, var, cnt):
+    """`[B, H, rows, nc]` logits: `_pool_logits` plus `log(count)`, so one token stands for its keys."""
+    return _pool_logits(q_c, k_mean, var, moments) + jnp.log(jnp.maximum(cnt, 1.0))[:, :, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pool_attention(static: _PoolStatic, q, q_pos, k_mean, var, v_mean, cnt, sel):
+    """Softmax attention of every query over the summary tokens: out `[B, H, T, D]` float32 and
+    its log-sum-exp `[B, H, T]` (zero and LOG0 on rows with no summary). Flash-style: computed
+    over chunks of query rows (sliced from q, not copied), the backward pass keeps only the inputs,
+    `out` and `lse` and recomputes each chunk's probabilities, so nothing `T x nc` outlives a chunk."""
+    return _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel)[0]
+
+
+def _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel):
+    B, H, T, _ = q.shape
+
+    def chunk(i):
+        start, fresh, q_c, mask = _pool_chunk(static, i, q, q_pos, cnt, sel)
+        s = _pool_scores(static.moments, q_c, k_mean, var, cnt)
+        return start, fresh, masked_softmax(s, mask, v_mean, "bhtc,bhcd->bhtd")
+
+    def body(i, acc):
+        out, lse = acc
+        start, fresh, (out_c, lse_c) = chunk(i)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, static.chunk, axis=2)  # noqa: E731
+        out_c = jnp.where(fresh[:, None], out_c, take(out))
+        lse_c = jnp.where(fresh, lse_c, take(lse))
+        return (jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, axis=2))
+
+    n = -(-T // static.chunk)
+    if n == 1:
+        out, lse = chunk(0)[2]
+    else:
+        init = (jnp.zeros((B, H, T, v_mean.shape[-1]), jnp.float32), jnp.full((B, H, T), LOG0, jnp.float32))
+        out, lse = jax.lax.fori_loop(0, n, body, init)
+    return (out, lse), (q, q_pos, k_mean, var, v_mean, cnt, sel, out, lse)
+
+
+def _pool_attention_bwd(static, res, cts):
+    q, q_pos, k_mean, var, v_mean, cnt, sel, out, lse = res
+    d_out, d_lse = (x.astype(jnp.float32) for x in cts)
+    delta = jnp.sum(d_out * out, axis=-1)  # [B, H, T]
+    v32 = v_mean.astype(jnp.float32)
+
+    def body(i, acc):
+        dq, dk, dvar, dv = acc
+        start, fresh, q_c, mask = _pool_chunk(static, i, q, q_pos, cnt, sel)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, static.chunk, axis=2)  # noqa: E731
+        do_c = take(d_out)
+        s, vjp = jax.vjp(lambda q_c, k_mean, var: _pool_scores(static.moments, q_c, k_mean, var, cnt), q_c, k_mean, var)
+        p = jnp.where(mask & fresh[:, None], jnp.exp(s - take(lse)[..., None]), 0.0)  # [B, H, rows, nc]
+        dp = jnp.einsum("bhtd,bhcd->bhtc", do_c, v32)
+        ds = p * (dp - take(delta)[..., None] + take(d_lse)[..., None])
+        dq_c, dk_c, dvar_c = vjp(ds)
+        dq_c = jnp.where(fresh[:, None], dq_c.astype(dq.dtype), take(dq))
+        dv = dv + jnp.einsum("bhtc,bhtd->bhcd", p, do_c)
+        dvar = None if dvar is None else dvar + dvar_c
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_c, start, axis=2), dk + dk_c, dvar, dv
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k_mean.shape, jnp.float32),
+            None if var is None else jnp.zeros(var.shape, jnp.float32), jnp.zeros(v_mean.shape, jnp.float32))
+    n = -(-q.shape[2] // static.chunk)
+    dq, dk, dvar, dv = body(0, init) if n == 1 else jax.lax.fori_loop(0, n, body, init)
+    cast = lambda d, x: None if x is None else d.astype(x.dtype)  # noqa: E731
+    return cast(dq, q), None, cast(dk, k_mean), cast(dvar, var), cast(dv, v_mean), None, None
+
+
+_pool_attention.defvjp(_pool_attention_fwd, _pool_attention_bwd)
 
 
 @COMPRESSIONS.register("pool", exact_when_full=True, supports_exclusion=True)
@@ -116,17 +213,9 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
     p = pool_block_size(config)
     moments = config.compression.pool_moments
     k_mean, v_mean, cnt, var = _pool_summaries(k, v, kv_mask, p)
-    log_cnt = jnp.log(jnp.maximum(cnt, 1.0))[:, :, None, :]
-
-    def rows_chunk(q_c, pos_c, rows_c):
-        s = _pool_logits(q_c, k_mean, var, moments) + log_cnt
-        mask = _pool_chunk_mask(pos_c, cnt, p, causal=causal, sel=sel, rows=rows_c)
-        return masked_softmax(s, mask, v_mean, "bhtc,bhcd->bhtd")
-
     T = q.shape[2]
-    chunk = pool_chunk_rows(T, k_mean.shape[2])
-    fn = rows_chunk if chunk >= T else jax.checkpoint(rows_chunk)
-    out, lse = map_chunks(fn, chunk, T, (q, q_pos, jnp.arange(T)), (2, 0, 0))
+    static = _PoolStatic(p, moments, causal, pool_chunk_rows(T, k_mean.shape[2], q.shape[-1]))
+    out, lse = _pool_attention(static, q, q_pos, k_mean, var if moments else None, v_mean, cnt, sel)
     return Branch.from_softmax(out, lse), dict(k_mean=k_mean, var=var, cnt=cnt, p=p, moments=moments)
 
 

@@ -32,10 +32,14 @@ def test_chunked_choice_and_pool_equal_one_shot(monkeypatch, estimator, causal):
     c = presets.get("rsa")
     c.selection.update(block_size=B, window=1, global_blocks=1, top_k=2, random_blocks=1, estimator=estimator,
                        kernel="scan")
+    monkeypatch.setattr(compression, "POOL_CHUNK_SHARE", 1e9)  # the pooled branch in one chunk
+    assert compression.pool_chunk_rows(T, T // B, 16) == T
     (_, out1), g1 = _loss_and_grads(c, q, k, v, causal=causal, kv_mask=kv_mask)
     # maxkey: 3 query blocks a chunk (the last one padded); sampled: 1; pool: 5 query rows a chunk
+    # (0.02 * T * D / (T / B) = 5.12), the last chunk overlapping the one before
     monkeypatch.setattr(selection, "ESTIMATE_CHUNK_ELEMENTS", 3 * T)
-    monkeypatch.setattr(compression, "POOL_CHUNK_ELEMENTS", 5 * (T // B))
+    monkeypatch.setattr(compression, "POOL_CHUNK_SHARE", 0.02)
+    assert compression.pool_chunk_rows(T, T // B, 16) == 5
     (_, out2), g2 = _loss_and_grads(c, q, k, v, causal=causal, kv_mask=kv_mask)
     assert rel_error(out2, out1) < 1e-6
     for a, b in zip(g2, g1):
@@ -48,8 +52,15 @@ def test_chunking_bounds_the_choice_estimate():
     assert selection.estimate_chunk(c, 8, 128) == 8  # short inputs: one chunk, no loop
     c.estimator = "oracle"
     assert selection.estimate_chunk(c, 1024, 65536) == 1  # 64 rows of 64K scores already exceed the budget
-    assert compression.pool_chunk_rows(65536, 1024) * 1024 <= compression.POOL_CHUNK_ELEMENTS
-    assert compression.pool_chunk_rows(256, 4) == 256
+
+
+
+def test_pool_chunks_hold_a_quarter_of_q_and_are_at_most_64():
+    # rows x nc <= T x D / 4 (each float32 temporary at most half a bfloat16 q): 64 chunks at 64K
+    assert compression.pool_chunk_rows(65536, 1024, 64) == 1024
+    assert compression.pool_chunk_rows(4096, 64, 64) == 1024
+    assert compression.pool_chunk_rows(256, 4, 64) == 256  # short inputs: one chunk, no loop
+    assert compression.pool_chunk_rows(1 << 20, 1 << 14, 64) == (1 << 20) // 64  # at most 64 chunks
 
 
 def _row_start_case(causal):
