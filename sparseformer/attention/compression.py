@@ -141,8 +141,9 @@ def _pool_scores(moments: bool, q_c, k_mean, var, cnt):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _pool_attention(static: _PoolStatic, q, q_pos, k_mean, var, v_mean, cnt, sel):
-    """Softmax attention of every query over the summary tokens: out `[B, H, T, D]` float32 and
-    its log-sum-exp `[B, H, T]` (zero and LOG0 on rows with no summary). Flash-style: computed
+    """Softmax attention of every query over the summary tokens: out `[B, H, T, D]` in q's dtype (as
+    the fused exact kernel stores its output: half the bytes kept for the backward in bfloat16) and
+    its float32 log-sum-exp `[B, H, T]` (zero and LOG0 on rows with no summary). Flash-style: computed
     over chunks of query rows (sliced from q, not copied), the backward pass keeps only the inputs,
     `out` and `lse` and recomputes each chunk's probabilities, so nothing `T x nc` outlives a chunk."""
     return _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel)[0]
@@ -160,7 +161,7 @@ def _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel):
         out, lse = acc
         start, fresh, (out_c, lse_c) = chunk(i)
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, static.chunk, axis=2)  # noqa: E731
-        out_c = jnp.where(fresh[:, None], out_c, take(out))
+        out_c = jnp.where(fresh[:, None], out_c.astype(out.dtype), take(out))
         lse_c = jnp.where(fresh, lse_c, take(lse))
         return (jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, axis=2))
@@ -168,8 +169,9 @@ def _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel):
     n = -(-T // static.chunk)
     if n == 1:
         out, lse = chunk(0)[2]
+        out = out.astype(q.dtype)
     else:
-        init = (jnp.zeros((B, H, T, v_mean.shape[-1]), jnp.float32), jnp.full((B, H, T), LOG0, jnp.float32))
+        init = (jnp.zeros((B, H, T, v_mean.shape[-1]), q.dtype), jnp.full((B, H, T), LOG0, jnp.float32))
         out, lse = jax.lax.fori_loop(0, n, body, init)
     return (out, lse), (q, q_pos, k_mean, var, v_mean, cnt, sel, out, lse)
 
@@ -177,7 +179,7 @@ def _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel):
 def _pool_attention_bwd(static, res, cts):
     q, q_pos, k_mean, var, v_mean, cnt, sel, out, lse = res
     d_out, d_lse = (x.astype(jnp.float32) for x in cts)
-    delta = jnp.sum(d_out * out, axis=-1)  # [B, H, T]
+    delta = jnp.einsum("bhtd,bhtd->bht", d_out, out, preferred_element_type=jnp.float32)
     v32 = v_mean.astype(jnp.float32)
 
     def body(i, acc):
