@@ -9,7 +9,8 @@
 #   2. bidir   sparseformer bench, bfloat16, B=1, H=8, D=64, 4K-64K: dense (cuDNN), dense_pallas
 #              (JAX's Pallas flash attention), rsa, rsa/exact (its exact part alone), nsa, bigbird, local
 #   3. causal  the same, causal, 4K/16K/64K: dense, dense_pallas, rsa, rsa/exact, nsa
-#   4. memory  peak device memory of a fresh process, fwd+bwd, dense and rsa, 4K/16K/64K
+#   4. memory  peak device memory of a fresh process, fwd+bwd, dense and rsa, 4K/16K/64K, and what each
+#              method keeps for its backward pass (python -m sparseformer.bench.residuals, traced)
 #   5. breakdown  benchmarks/breakdown.py: where rsa's time goes (choice, exact kernel, compressed
 #              branch, the rest) at 4K/16K/64K, bidirectional, and causal at 16K
 #
@@ -87,7 +88,12 @@ for stage in $STAGES; do
         --lengths=4096,16384,65536 --rss=none --repeats=5 ;;
     memory)
       bench memory --presets="$(presets dense,rsa)" --passes=fwd_bwd --lengths=4096,16384,65536 --rss=all \
-        --no-fidelity --repeats=1 --warmup=0 ;;
+        --no-fidelity --repeats=1 --warmup=0
+      # what each method keeps for its backward pass (traced, seconds): explains the peaks above
+      "$PY" -m sparseformer.bench.residuals --presets=dense_pallas,rsa,nsa,bigbird,local \
+        --lengths=4096,16384,65536 --out="$OUT/memory" >"$OUT/memory/residuals.log" 2>&1
+      echo "== residuals: exit $?" | tee -a "$OUT/summary.txt"
+      pack ;;
     breakdown)
       mkdir -p "$OUT/breakdown"
       { "$PY" benchmarks/breakdown.py "$OUT/breakdown" --lengths=4096,16384,65536 &&

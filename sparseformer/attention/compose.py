@@ -12,7 +12,7 @@ from sparseformer.attention import rand
 from sparseformer.attention.compression import _row_key_mask
 from sparseformer.attention.config import block_multiple, budget_exceeds_keys, selection_kernel, validate
 from sparseformer.attention.correction import Branch, gate_values, kl_rows, kl_terms
-from sparseformer.attention.dense import LOG0, dense_attention
+from sparseformer.attention.dense import LOG0, dense_attention, dense_attention_chunked
 from sparseformer.attention.pallas_kernel import fused_block_attention
 from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS
 from sparseformer.attention.selection import (
@@ -183,7 +183,7 @@ def attend(
     n_global_rows = sel_cfg.global_blocks * sel_cfg.block_size if global_rows else 0
     n_global_rows = min(n_global_rows, Tq)
     if n_global_rows and query_block is None:  # BigBird's global queries see every key
-        out_g, _ = dense_attention(qh[:, :, :n_global_rows], kh, vh, kv_mask=kv_mask)
+        out_g, _ = dense_attention_chunked(qh[:, :, :n_global_rows], kh, vh, kv_mask=kv_mask)
         out = out.at[:, :, :n_global_rows].set(out_g)
 
     aux = {"aux_loss": jnp.zeros((), jnp.float32), "fidelity": jnp.zeros((), jnp.float32),

@@ -31,7 +31,7 @@ LOG_FLOOR = -40.0  # log-probability given to keys an approximation leaves out, 
 
 
 class Branch(NamedTuple):
-    num: jax.Array  # [B, H, T, D] float32
+    num: jax.Array  # [B, H, T, D] float32, or the inputs' dtype (the fused kernel's output)
     den: jax.Array  # [B, H, T] float32 (may be <= 0 for a low-rank estimate after exclusion)
     ls: jax.Array  # [B, H, T] float32 log scale
 
@@ -40,12 +40,51 @@ class Branch(NamedTuple):
         return cls(out, (lse > LOG0 / 2).astype(jnp.float32), lse)
 
     def normalised(self) -> jax.Array:
-        return safe_divide(self.num, self.den)
+        return weighted_sum((self.num,), (_inverse(self.den),))
 
 
-def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+def _inverse(den: jax.Array) -> jax.Array:
+    """`1 / den` where `den > 0`, else 0 (a row the branch gives nothing)."""
     ok = den > 0
-    return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
+    return jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+
+
+@jax.custom_vjp
+def weighted_sum(nums: tuple[jax.Array, ...], weights: tuple[jax.Array, ...]) -> jax.Array:
+    """`sum_i weights_i[..., None] * nums_i` in float32: how every merge rule combines branches.
+
+    `nums [B, H, T, D]` (any float dtype), `weights [B, H, T]` float32. Written with its own VJP
+    so the backward pass keeps only the branch outputs (which the branches keep anyway) and the
+    `[B, H, T]` weights: automatic differentiation of the merge kept several float32 `[B, H, T, D]`
+    products and quotients (the merged numerator, the division, its mask), the largest part of
+    the merge's memory. The weights themselves (softmax shares, gates, inverse denominators) are
+    small and differentiated by JAX as usual."""
+    return _weighted_sum(nums, weights)
+
+
+def _weighted_sum(nums, weights):
+    out = weights[0][..., None] * nums[0].astype(jnp.float32)
+    for n, w in zip(nums[1:], weights[1:]):
+        out = out + w[..., None] * n.astype(jnp.float32)
+    return out
+
+
+def _weighted_sum_fwd(nums, weights):
+    return _weighted_sum(nums, weights), (nums, weights)
+
+
+def _weighted_sum_bwd(res, d_out):
+    nums, weights = res
+    d_out = d_out.astype(jnp.float32)
+    d_nums = tuple((w[..., None] * d_out).astype(n.dtype) for n, w in zip(nums, weights))
+    d_weights = tuple(
+        jnp.sum(d_out * n.astype(jnp.float32), axis=-1).astype(w.dtype)
+        for n, w in zip(nums, weights)
+    )
+    return d_nums, d_weights
+
+
+weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
 
 
 def gate_values(gate_logits: jax.Array | None, n: int) -> list[jax.Array]:
@@ -88,21 +127,21 @@ def lse_merge(branches: Sequence[Branch], gates) -> jax.Array:
     """One normaliser: `sum_i g_i e^{ls_i} num_i / sum_i g_i e^{ls_i} den_i`."""
     m = jax.lax.stop_gradient(jnp.max(jnp.stack([br.ls for br in branches]), axis=0))
     scales = [g * jnp.exp(br.ls - m) for br, g in zip(branches, gates)]
-    num = sum(w[..., None] * br.num for w, br in zip(scales, branches))
-    den = sum(w * br.den for w, br in zip(scales, branches))
-    return safe_divide(num, den)
+    inv_den = _inverse(sum(w * br.den for w, br in zip(scales, branches)))
+    return weighted_sum(tuple(br.num for br in branches), tuple(w * inv_den for w in scales))
 
 
 @CORRECTIONS.register("gated_sum", extras={"rows": _rows_mixture, "shares": _shares_mixture})
 def gated_sum(branches: Sequence[Branch], gates) -> jax.Array:
     """NSA: `sum_i g_i * out_i`, each branch normalised on its own."""
-    return sum(g[..., None] * br.normalised() for br, g in zip(branches, gates))
+    weights = tuple(g * _inverse(br.den) for br, g in zip(branches, gates))
+    return weighted_sum(tuple(br.num for br in branches), weights)
 
 
 @CORRECTIONS.register("sum", extras={"rows": _rows_mixture, "shares": _shares_mixture})
 def naive_sum(branches: Sequence[Branch], gates) -> jax.Array:
     """The naive sum (correction off): `sum_i out_i`; both branches count the selected pairs."""
-    return sum(br.normalised() for br in branches)
+    return weighted_sum(tuple(br.num for br in branches), tuple(_inverse(br.den) for br in branches))
 
 
 def kl_terms(logp_dense: jax.Array, logp_approx: jax.Array, keys: jax.Array | None = None) -> jax.Array:

@@ -66,3 +66,40 @@ def dense_attention(
     s_BHTS = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD, preferred_element_type=jnp.float32)
     mask = key_masks(jnp.arange(T) + q_offset, jnp.arange(S), causal=causal, kv_mask=kv_mask)
     return masked_softmax(s_BHTS, mask, v_BHSD, "bhts,bhsd->bhtd")
+
+
+# `dense_attention_chunked` splits the keys into this many chunks (a fixed count: the transient
+# logits are 1/16 of the rows' full `R x S`, and a GPU runs a short loop of 16 steps at any length).
+KEY_CHUNKS = 16
+
+
+def dense_attention_chunked(
+    q_BHRD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, *, kv_mask: jax.Array | None = None, chunk: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`dense_attention` (bidirectional) for a few query rows against many keys, in chunks of keys.
+
+    Each chunk is an exact softmax over its keys, rematerialised in the backward pass and read
+    from `k`/`v` by a dynamic slice, and the chunks are merged by their log-sum-exps: the backward
+    pass keeps each chunk's `[B, H, R, D]` output and `[B, H, R]` log-sum-exp, not the `R x S`
+    probabilities (BigBird's global query rows see every key: 256 MiB of float32 probabilities for
+    128 rows at 64K tokens and 8 heads). `chunk` divides S; by default `S / KEY_CHUNKS` (one call
+    when S is not a multiple of `KEY_CHUNKS` or under 1024 keys)."""
+    S = k_BHSD.shape[2]
+    if chunk is None:
+        chunk = S // KEY_CHUNKS if S % KEY_CHUNKS == 0 and S >= 1024 else S
+    if chunk >= S:
+        return dense_attention(q_BHRD, k_BHSD, v_BHSD, kv_mask=kv_mask)
+    if S % chunk:
+        raise ValueError(f"dense_attention_chunked: chunk {chunk} does not divide {S} keys")
+
+    @jax.checkpoint
+    def one(c):
+        sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=axis)  # noqa: E731
+        mask = None if kv_mask is None else sl(kv_mask, 1)
+        return dense_attention(q_BHRD, sl(k_BHSD, 2), sl(v_BHSD, 2), kv_mask=mask)
+
+    outs, lses = jax.lax.map(one, jnp.arange(S // chunk))  # [C, B, H, R, D], [C, B, H, R]
+    lse = jax.scipy.special.logsumexp(lses, axis=0)
+    has = lse > LOG0 / 2
+    w = jnp.where(has[None], jnp.exp(lses - jnp.where(has, lse, 0.0)[None]), 0.0)
+    return jnp.sum(w[..., None] * outs, axis=0), jnp.where(has, lse, LOG0)

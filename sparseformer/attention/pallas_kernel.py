@@ -302,7 +302,7 @@ def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
     acc, m_i, l_i = lax.fori_loop(0, count, body, init)
     has = l_i > 0
     safe = jnp.where(has, l_i, 1.0)
-    o_ref[...] = acc / safe[:, None]
+    o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has, m_i + jnp.log(safe), LOG0)
 
 
@@ -426,7 +426,9 @@ def _forward(plan: Plan, qg, k, v, meta, kmask):
     S, n = k.shape[2], plan.num_query_blocks
     grid = (n, B, Hk * R)
     args = (meta, qg, k, v) + ((kmask,) if plan.has_mask else ())
-    out_shape = (jax.ShapeDtypeStruct(qg.shape, jnp.float32), jax.ShapeDtypeStruct(qg.shape[:-1], jnp.float32))
+    # the output in the inputs' dtype (as flash attention stores it): half the memory the backward
+    # keeps in bfloat16; the log-sum-exp stays float32
+    out_shape = (jax.ShapeDtypeStruct(qg.shape, qg.dtype), jax.ShapeDtypeStruct(qg.shape[:-1], jnp.float32))
     return _call(
         _forward_kernel, plan, grid, _walk_specs(plan, S, D, meta.shape[-1]), (_q_spec(plan, D), _row_spec(plan)),
         out_shape, args, "sparseformer_block_sparse_fwd", D,
@@ -436,7 +438,8 @@ def _forward(plan: Plan, qg, k, v, meta, kmask):
 def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse):
     B, Hk, R, TR, D = qg.shape
     S, n, m, b = k.shape[2], plan.num_query_blocks, plan.num_key_blocks, plan.block
-    dd = jnp.sum(d_out * out, axis=-1) - d_lse  # delta minus the log-sum-exp's own cotangent
+    dd = _delta(out, d_out, d_lse)
+    d_out = d_out.astype(qg.dtype)  # the kernels multiply in the inputs' dtype: half the bytes to read
     mask_args = (kmask,) if plan.has_mask else ()
 
     dq = _call(
@@ -487,24 +490,52 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     return dq, reduce(dk, dk_x), reduce(dv, dv_x)
 
 
+def _delta(out, d_out, d_lse):
+    """`rowsum(d_out * out) - d_lse` in float32: flash attention's delta minus the log-sum-exp's
+    own cotangent."""
+    return jnp.einsum("...d,...d->...", d_out, out, preferred_element_type=jnp.float32) - d_lse
+
+
+def _to_tiles(plan: Plan, x):
+    """`[B, H, T(, D)]` -> the kernel's `[B, Hk, R, n * rows(, D)]`: a tile is `heads_per_tile` heads of
+    one query block (a reshape when a tile holds one head)."""
+    hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
+    B, H, Hk, tail = x.shape[0], x.shape[1], x.shape[1] // (R * hp), x.shape[3:]
+    x = x.reshape((B, Hk, R, hp, n, b) + tail)
+    return jnp.swapaxes(x, 3, 4).reshape((B, Hk, R, n * hp * b) + tail)
+
+
+def _from_tiles(plan: Plan, x):
+    """The inverse of `_to_tiles`."""
+    hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
+    B, Hk, tail = x.shape[0], x.shape[1], x.shape[4:]
+    x = x.reshape((B, Hk, R, n, hp, b) + tail)
+    return jnp.swapaxes(x, 3, 4).reshape((B, Hk * R * hp, n * b) + tail)
+
+
+# The custom VJP takes and returns the `[B, H, T, D]` layout, so what it saves for the backward pass
+# (q and the output) are the very arrays the rest of `attend` holds, not tiled copies of them.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
-    return _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask)[0]
+def _fused(plan, q, k, v, meta, idx, valid, row_start, qids, kmask):
+    return _fused_fwd(plan, q, k, v, meta, idx, valid, row_start, qids, kmask)[0]
 
 
-def _fused_fwd(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask):
+def _fused_fwd(plan, q, k, v, meta, idx, valid, row_start, qids, kmask):
+    qg = _to_tiles(plan, q)
     if plan.tpu:
         from sparseformer.attention import pallas_tpu
 
         out, lse = pallas_tpu.forward(plan, qg, k, v, meta, kmask)
     else:
         out, lse = _forward(plan, qg, k, v, meta, kmask)
-    return (out, lse), (qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse)
+    out, lse = _from_tiles(plan, out), _from_tiles(plan, lse)
+    return (out, lse), (q, k, v, meta, idx, valid, row_start, qids, kmask, out, lse)
 
 
 def _fused_bwd(plan, res, cts):
-    qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
-    d_out, d_lse = (x.astype(jnp.float32) for x in cts)
+    q, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
+    qg, out, lse = _to_tiles(plan, q), _to_tiles(plan, out), _to_tiles(plan, lse)
+    d_out, d_lse = (_to_tiles(plan, x.astype(jnp.float32)) for x in cts)
     if plan.tpu:
         from sparseformer.attention import pallas_tpu
 
@@ -513,7 +544,8 @@ def _fused_bwd(plan, res, cts):
     else:
         pieces, entries = inverted_lists(plan, idx, valid, row_start)
         dq, dk, dv = _backward(plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse)
-    return (dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
+    dq = _from_tiles(plan, dq)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -530,12 +562,12 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
       kv_mask: `[B, S]` bool key mask, or None.
 
     Returns:
-      out `[B, H, T, D]` float32 (zero rows where nothing is allowed) and its log-sum-exp
-      `[B, H, T]` (LOG0 there): the same as the `scan` and `masked` kernels.
+      out `[B, H, T, D]` in q's dtype (zero rows where nothing is allowed) and its float32
+      log-sum-exp `[B, H, T]` (LOG0 there): the same as the `scan` and `masked` kernels, which
+      return a float32 output.
     """
-    B, H, T, D = q_BHTD.shape
-    Hk, S = k_BHkSD.shape[1], k_BHkSD.shape[2]
-    G = selection.group
+    H, D = q_BHTD.shape[1], q_BHTD.shape[3]
+    Hk, G = k_BHkSD.shape[1], selection.group
     if H != Hk * G:
         raise ValueError(f"model.attention: {H} query heads for {Hk} key/value heads and group {G}")
     reason = unsupported_reason(selection.block_size, D)
@@ -544,12 +576,10 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
     plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None)
     if plan.tpu and q_BHTD.dtype == jnp.float16:
         raise ValueError("model.attention.selection.kernel: 'pallas' on a TPU takes float32 or bfloat16, not float16")
-    hp, R, n, b = plan.heads_per_tile, plan.tiles_per_group, plan.num_query_blocks, plan.block
+    b = plan.block
     first = lambda x: None if x is None else x[:, ::G]  # noqa: E731 (one head per group)
     idx, valid, row_start = first(selection.idx), first(selection.valid), first(selection.row_start)
     meta = forward_lists(plan, idx, valid, row_start, selection.qids)
-    # [B, H, T, D] = [B, Hk, R, hp, n, b, D] -> [B, Hk, R, n * hp * b, D]: a tile is hp heads of one block
-    qg = q_BHTD.reshape(B, Hk, R, hp, n, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, Hk, R, n * hp * b, D)
     if kv_mask is None:
         kmask = None
     elif plan.tpu:
@@ -558,7 +588,4 @@ def fused_block_attention(causal: bool, q_BHTD, k_BHkSD, v_BHkSD, selection, kv_
         kmask = key_mask(kv_mask, b)
     else:
         kmask = kv_mask.astype(jnp.int32)
-    out, lse = _fused(plan, qg, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)
-    out = out.reshape(B, Hk, R, n, hp, b, D).transpose(0, 1, 2, 4, 3, 5, 6).reshape(B, H, T, D)
-    lse = lse.reshape(B, Hk, R, n, hp, b).transpose(0, 1, 2, 4, 3, 5).reshape(B, H, T)
-    return out, lse
+    return _fused(plan, q_BHTD, k_BHkSD, v_BHkSD, meta, idx, valid, row_start, selection.qids, kmask)

@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sparseformer.attention.dense import LOG0
-from sparseformer.attention.pallas_kernel import pair_mask  # a key block's mask is `[1, b]` here
+from sparseformer.attention.pallas_kernel import _delta, pair_mask  # a key block's mask is `[1, b]` here
 
 # Bytes of block lists one call takes into scalar memory (SMEM: 1 MiB per core from TPU v4 on; the
 # compiler keeps some): a call covers as many (batch, kv head) pairs as fit.
@@ -155,7 +155,7 @@ def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan, M: int):
         l_i = l_sc[...]
         has = l_i > 0
         safe = jnp.where(has, l_i, 1.0)
-        o_ref[...] = acc_sc[...] / safe
+        o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(has, m_sc[...] + jnp.log(safe), LOG0)
 
 
@@ -290,7 +290,7 @@ def forward(plan, qg, k, v, meta, kmask):
             scratch_shapes=[pltpu.VMEM((plan.rows, 1), jnp.float32), pltpu.VMEM((plan.rows, 1), jnp.float32),
                             pltpu.VMEM((plan.rows, D), jnp.float32)],
         )
-        out_shape = (jax.ShapeDtypeStruct((F, R, TR, D), jnp.float32), jax.ShapeDtypeStruct((F, R, TR, 1), jnp.float32))
+        out_shape = (jax.ShapeDtypeStruct((F, R, TR, D), qg.dtype), jax.ShapeDtypeStruct((F, R, TR, 1), jnp.float32))
         args = (part.reshape(-1), qf, kf, vf) + ((kmask,) if plan.has_mask else ())
         return _call(functools.partial(_forward_kernel, plan=plan, M=M), plan, grid_spec, out_shape, args,
                      "sparseformer_block_sparse_fwd_tpu", ("parallel", "parallel", "parallel", "arbitrary"))
@@ -303,8 +303,8 @@ def backward(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse,
     """dq `[B, Hk, R, n*rows, D]`, dk and dv `[B, Hk, S, D]`, float32."""
     B, Hk, R, TR, D = qg.shape
     S, n, b = k.shape[2], plan.num_query_blocks, plan.block
-    dd = _flat(jnp.sum(d_out * out, axis=-1) - d_lse)[..., None]  # delta minus the lse's own cotangent
-    lse_f, do_f = _flat(lse)[..., None], _flat(d_out)
+    dd = _flat(_delta(out, d_out, d_lse))[..., None]
+    lse_f, do_f = _flat(lse)[..., None], _flat(d_out.astype(qg.dtype))
     qf, kf, vf = _flat(qg), _flat(k), _flat(v)
     mask_args = (kmask,) if plan.has_mask else ()
     lists = _tpu_lists(plan, meta)

@@ -100,3 +100,28 @@ def test_row_start_zero_is_no_row_start():
     a = block_sparse_attention(False, *args, jnp.zeros_like(sel.row_start), None, sel.qids)
     c = block_sparse_attention(False, *args, None, None, sel.qids)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(c[0]))
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_key_chunked_dense_rows_equal_dense_attention_with_gradients(padding):
+    """BigBird's global query rows: the same output, log-sum-exp and gradients in chunks of keys,
+    including a chunk whose keys are all padding (it must add nothing, not NaN)."""
+    from sparseformer.attention.dense import dense_attention, dense_attention_chunked
+
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in random_qkv(jax.random.key(3), B=2, T=64, H=2, D=8))
+    q_rows = q[:, :, :5]
+    kv_mask = jnp.ones((2, 64), bool).at[1, 16:32].set(False).at[0, 60:].set(False) if padding else None
+    w = jax.random.normal(jax.random.key(4), (2, 2, 5, 8))
+
+    def loss(fn):
+        def f(q_rows, k, v):
+            out, lse = fn(q_rows, k, v)
+            return jnp.sum(out * w) + jnp.sum(lse), (out, lse)
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q_rows, k, v)
+
+    (_, (out_c, lse_c)), g_c = loss(lambda *a: dense_attention_chunked(*a, kv_mask=kv_mask, chunk=16))
+    (_, (out_d, lse_d)), g_d = loss(lambda *a: dense_attention(*a, kv_mask=kv_mask))
+    assert rel_error(out_c, out_d) < 1e-5 and rel_error(lse_c, lse_d) < 1e-6
+    for a, b in zip(g_c, g_d):
+        assert bool(jnp.all(jnp.isfinite(a))) and rel_error(a, b) < 1e-5

@@ -1,0 +1,44 @@
+"""What the backward pass keeps (saved residuals, traced only: `sparseformer.bench.residuals`).
+
+A fused dense kernel keeps its output and a float32 log-sum-exp; the fused sparse kernel's presets
+must stay within a few such arrays, so a change that keeps a float32 copy, a tiled duplicate or a
+`T x S/b` tensor for the backward fails here before it costs memory on a GPU."""
+
+import json
+
+import pytest
+
+from sparseformer.bench import methods, residuals
+
+T = 1024
+
+
+def _arrays(name, *, causal=False, train=False, length=T):
+    shape = methods.Shape(1, length, 4, 64, causal=causal, dtype="bfloat16")
+    return residuals.residuals(name, shape, train=train)["residual_arrays"]
+
+
+def test_a_fused_dense_kernel_keeps_its_output_and_log_sum_exp():
+    assert 1.0 < _arrays("dense_pallas") < 1.1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_fused_kernel_keeps_its_inputs_output_and_log_sum_exp(causal):
+    """`local`: the head-major q, k, v the kernel reads, its output (in the inputs' dtype, not
+    float32) and the log-sum-exp; the merge keeps nothing more of size [B, T, H, D]."""
+    assert _arrays("local", causal=causal) < 4.2
+
+
+def test_the_command_writes_json_and_markdown(tmp_path):
+    assert residuals.main(["--presets=dense_pallas,local", "--lengths=512", "--heads=2", f"--out={tmp_path}"]) == 0
+    rows = json.loads((tmp_path / "residuals.json").read_text())["results"]
+    assert [r["name"] for r in rows] == ["dense_pallas", "local"]
+    assert all(r["by_source"] and r["residual_bytes"] == sum(r["by_source"].values()) for r in rows)
+    assert "| local |" in (tmp_path / "residuals.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["bigbird", "longformer"])
+def test_global_query_rows_keep_no_rows_by_keys_probabilities(name):
+    """The global rows see every key in chunks (`dense_attention_chunked`): 16 chunk outputs, not
+    the float32 `R x S` probabilities (10.3 and 8.2 arrays here before)."""
+    assert _arrays(name, length=2048) < 7.0
