@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from sparseformer.attention import rand
-from sparseformer.attention.compression import _expand_blocks, _row_key_mask
+from sparseformer.attention.compression import _row_key_mask
 from sparseformer.attention.config import block_multiple, budget_exceeds_keys, selection_kernel, validate
-from sparseformer.attention.correction import Branch, gate_values, kl_rows
+from sparseformer.attention.correction import Branch, gate_values, kl_rows, kl_terms
 from sparseformer.attention.dense import LOG0, dense_attention, dense_attention_chunked
 from sparseformer.attention.pallas_kernel import fused_block_attention
 from sparseformer.attention.registry import COMPRESSIONS, CORRECTIONS
@@ -219,11 +219,34 @@ def attend(
     return out.astype(q.dtype), aux
 
 
+# Log-weights of the regulariser's rows held at once, per (batch, head): `aux_rows x chunk` keys.
+# The rows are evaluated over chunks of keys, each chunk recomputed in the backward pass, so that
+# neither the pass nor its gradient keeps an `aux_rows x S` array (about 290 MB at 64K keys, 8 heads,
+# 16 rows, before chunking).
+FIDELITY_CHUNK_ELEMENTS = 1 << 16
+
+
+def fidelity_chunk(num_rows: int, num_keys: int) -> int:
+    """Keys evaluated together for the regulariser's rows."""
+    return max(1, min(num_keys, FIDELITY_CHUNK_ELEMENTS // max(1, num_rows)))
+
+
+def _over_key_chunks(fn, n: int):
+    """`fn(i)` for chunk `i` of `n`, each rematerialised in the backward pass; outputs stacked
+    `[n, ...]`. One call (no loop) when `n == 1`."""
+    fn = jax.checkpoint(fn)
+    if n == 1:
+        return jax.tree.map(lambda x: x[None], fn(jnp.zeros((), jnp.int32)))
+    return jax.lax.map(fn, jnp.arange(n, dtype=jnp.int32))
+
+
 def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config, *, causal, rng, n_global_rows):
     """KL(dense || approximate) on a few query rows, `O(rows * S * D)`.
 
     Each branch reports the absolute log-weight it gives every key for those rows; the merge
-    rule combines them exactly as it combines the outputs.
+    rule combines them exactly as it combines the outputs. The keys are taken in chunks of
+    `fidelity_chunk` (three passes: the rows' normalisers, the merged rows' normaliser, the KL),
+    so memory is `rows x chunk`, in the backward pass too.
     """
     S = kh.shape[2]
     R = min(config.correction.aux_rows, T)
@@ -232,28 +255,62 @@ def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gate
     else:
         rows = rand.stratified(rng, T, R, stream=7)
     q_rows = qh[:, :, rows]
-    s_rows = jnp.einsum("bhrd,bhsd->bhrs", q_rows, kh, preferred_element_type=jnp.float32)
-    keys = _row_key_mask(rows, S, causal=causal, kv_mask=kv_mask)
-    s_dense = jnp.where(keys, s_rows, LOG0)
-    logp_dense = jax.lax.stop_gradient(s_dense - jax.nn.logsumexp(s_dense, -1, keepdims=True))
-    row_ok = jnp.any(keys, -1)
+    chosen_blocks = selection.rows_block_mask(rows) if selection is not None else None  # [B, H, R, S / b]
+    row_logw = COMPRESSIONS.get(config.compression.kind).extras["row_logw"] if comp_state is not None else None
+    C = fidelity_chunk(R, S)
+    n = -(-S // C)
 
-    logws = []
-    chosen_keys = None
-    if selection is not None:
-        chosen_keys = _expand_blocks(selection.rows_block_mask(rows), S)
-        logws.append(jnp.where(keys & chosen_keys, s_rows, LOG0))
-    if comp_state is not None:
-        row_logw = COMPRESSIONS.get(config.compression.kind).extras["row_logw"]
-        excluded = chosen_keys if exclude is not None else None
-        logws.append(row_logw(comp_state, q_rows, rows, excluded, causal=causal, kv_mask=kv_mask))
-    if len(logws) == 1:
-        logp = logws[0] - jax.nn.logsumexp(logws[0], -1, keepdims=True)
+    def chunk(i):
+        """Dense scores, each branch's log-weights and the row key mask `[B, H, R, C]` on keys
+        `start ..` of chunk `i`, and which of them are this chunk's own `[C]` (the last chunk
+        ends at S, overlapping the one before when C does not divide S; None: all)."""
+        start = jnp.minimum(i * C, S - C)
+        k_pos = start + jnp.arange(C)
+        own = None if S % C == 0 else k_pos >= i * C
+        mask_c = None if kv_mask is None else jax.lax.dynamic_slice_in_dim(kv_mask, start, C, axis=1)
+        s_rows = jnp.einsum("bhrd,bhsd->bhrs", q_rows, jax.lax.dynamic_slice_in_dim(kh, start, C, axis=2),
+                            preferred_element_type=jnp.float32)
+        keys = _row_key_mask(rows, k_pos, causal=causal, kv_mask=mask_c)
+        logws, chosen_keys = [], None
+        if selection is not None:
+            chosen_keys = jnp.take(chosen_blocks, k_pos // selection.block_size, axis=-1)
+            logws.append(jnp.where(keys & chosen_keys, s_rows, LOG0))
+        if row_logw is not None:
+            excluded = chosen_keys if exclude is not None else None
+            logws.append(row_logw(comp_state, q_rows, rows, excluded, causal=causal, kv_mask=mask_c, start=start, size=C))
+        return jnp.where(keys, s_rows, LOG0), logws, keys, own
+
+    def lse(x, own):  # log-sum-exp of a chunk's own keys
+        return jax.nn.logsumexp(x if own is None else jnp.where(own, x, LOG0), axis=-1)
+
+    def normalisers(i):
+        s_dense, logws, keys, own = chunk(i)
+        return lse(s_dense, own), [lse(lw, own) for lw in logws], jnp.any(keys, -1)
+
+    lse_dense, lses, row_ok = _over_key_chunks(normalisers, n)
+    lse_dense = jax.lax.stop_gradient(jax.nn.logsumexp(lse_dense, axis=0))
+    lses, row_ok = [jax.nn.logsumexp(ls, axis=0) for ls in lses], jnp.any(row_ok, axis=0)
+    if len(lses) == 1:
+        merged, lse_merged = (lambda logws: logws[0]), lses[0]
     else:
-        logp = rule.extras["rows"](logws, gates)
-    if n_global_rows:
-        logp = jnp.where((rows < n_global_rows)[None, None, :, None], logp_dense, logp)
-    return kl_rows(logp_dense, logp, row_ok, per_head=True)
+        merged = lambda logws: rule.extras["rows"](logws, gates, lses)  # noqa: E731
+
+        def merged_normaliser(i):
+            _, logws, _, own = chunk(i)
+            return lse(merged(logws), own)
+
+        lse_merged = jax.nn.logsumexp(_over_key_chunks(merged_normaliser, n), axis=0)
+
+    def kl_chunk(i):
+        s_dense, logws, _, own = chunk(i)
+        logp_dense = jax.lax.stop_gradient(s_dense - lse_dense[..., None])
+        logp = merged(logws) - lse_merged[..., None]
+        if n_global_rows:
+            logp = jnp.where((rows < n_global_rows)[None, None, :, None], logp_dense, logp)
+        return kl_terms(logp_dense, logp, own)
+
+    kl = jnp.sum(_over_key_chunks(kl_chunk, n), axis=0)
+    return kl_rows(kl, row_ok, per_head=True)
 
 
 def _captured(branches, selection, gates, rule, kv_mask, q_pos, *, H, T, S, n_global_rows):

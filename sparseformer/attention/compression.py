@@ -8,9 +8,12 @@ Every compression is registered in `COMPRESSIONS` with one function
 positions, `sel` the `Selection` whose blocks must be left out, or None) and two companions
 in `extras`:
 
-  row_logw(state, q_rows, t_rows, excluded, *, causal, kv_mask) -> [B, H, R, S]
-      the absolute log-weight the branch gives each key for a few query rows (for the
-      regulariser and the fidelity metric; LOG0 where it gives none);
+  row_logw(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size) -> [B, H, R, size]
+      the absolute log-weight the branch gives keys `start .. start + size - 1` for a few query
+      rows `t_rows [R]` (for the regulariser and the fidelity metric; LOG0 where it gives none).
+      `start` may be traced, `size` is static; `excluded [B, H, R, size]` and `kv_mask [B, size]`
+      (or None) are already cut to those keys. The regulariser calls it chunk by chunk, so
+      memory stays `R x size`;
   init(config, key, *, num_heads, head_dim, max_len) -> dict of parameters (optional).
 """
 
@@ -33,21 +36,17 @@ from sparseformer.attention.selection import Selection, _gather, _slots, slot_ma
 TINY = 1e-30
 
 
-def _row_key_mask(t_rows, S, *, causal, kv_mask, excluded_keys=None):
-    """`[B or 1, H or 1, R, S]` keys a row may see."""
-    mask = jnp.ones((1, 1, t_rows.shape[0], S), bool)
+def _row_key_mask(t_rows, k_pos, *, causal, kv_mask, excluded_keys=None):
+    """`[B or 1, H or 1, R, C]` which of the keys at positions `k_pos [C]` a row may see
+    (`kv_mask [B, C]` and `excluded_keys [B, H, R, C]` are given for those keys)."""
+    mask = jnp.ones((1, 1, t_rows.shape[0], k_pos.shape[0]), bool)
     if causal:
-        mask = mask & (jnp.arange(S)[None, :] <= t_rows[:, None])[None, None]
+        mask = mask & (k_pos[None, :] <= t_rows[:, None])[None, None]
     if kv_mask is not None:
         mask = mask & kv_mask[:, None, None, :]
     if excluded_keys is not None:
         mask = mask & ~excluded_keys
     return mask
-
-
-def _expand_blocks(block_mask_BHRm: jax.Array, S: int) -> jax.Array:
-    m = block_mask_BHRm.shape[-1]
-    return jnp.repeat(block_mask_BHRm, S // m, axis=-1)
 
 
 # ---------------------------------------------------------------- pool
@@ -221,12 +220,17 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
     return Branch.from_softmax(out, lse), dict(k_mean=k_mean, var=var, cnt=cnt, p=p, moments=moments)
 
 
-def _pool_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+def _pool_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size):
     p, cnt = state["p"], state["cnt"]
-    s = _pool_logits(q_rows, state["k_mean"], state["var"], state["moments"])
-    mask = _pool_chunk_mask(t_rows, cnt, p, causal=causal, sel=None)
-    logw = jnp.repeat(jnp.where(mask, s, LOG0), p, axis=-1)  # each key carries its chunk's mean score
-    keys = _row_key_mask(t_rows, logw.shape[-1], causal=False, kv_mask=kv_mask, excluded_keys=excluded)
+    nc = cnt.shape[-1]
+    n = min(nc, (size - 1) // p + 2)  # the summaries keys start .. start + size - 1 fall in
+    first = jnp.minimum(start // p, nc - n)
+    cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, first, n, axis=axis)  # noqa: E731
+    s = _pool_logits(q_rows, cut(state["k_mean"], 2), cut(state["var"], 2), state["moments"])
+    mask = cut(_pool_chunk_mask(t_rows, cnt, p, causal=causal, sel=None), 3)
+    k_pos = start + jnp.arange(size)
+    logw = jnp.take(jnp.where(mask, s, LOG0), k_pos // p - first, axis=-1)  # each key carries its chunk's mean score
+    keys = _row_key_mask(t_rows, k_pos, causal=False, kv_mask=kv_mask, excluded_keys=excluded)
     return jnp.where(keys, logw, LOG0)
 
 
@@ -262,9 +266,10 @@ def _subtract_on_support(phq, phk, v, kv_mask, sel: Selection, causal: bool):
     return num.reshape(B, H, T, D), den.reshape(B, H, T)
 
 
-def _lowrank_rows(phq_rows, ls_rows, phk, t_rows, excluded, *, causal, kv_mask):
+def _lowrank_rows(phq_rows, ls_rows, phk, t_rows, excluded, *, causal, kv_mask, start, size):
+    phk = jax.lax.dynamic_slice_in_dim(phk, start, size, axis=2)
     w = jnp.einsum("bhrf,bhsf->bhrs", phq_rows, phk)
-    keys = _row_key_mask(t_rows, phk.shape[2], causal=causal, kv_mask=kv_mask, excluded_keys=excluded)
+    keys = _row_key_mask(t_rows, start + jnp.arange(size), causal=causal, kv_mask=kv_mask, excluded_keys=excluded)
     return jnp.where(keys & (w > TINY), jnp.log(jnp.maximum(w, TINY)) + ls_rows[..., None], LOG0)
 
 
@@ -350,12 +355,13 @@ def _causal_linear(phq, phk, v, q_pos, c):
     return num.reshape(B, H, T, -1), den.reshape(B, H, T)
 
 
-def _performer_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+def _performer_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size):
     D = state["D"]
     phq, sq = _favor(q_rows * D**0.25, state["w"], per_row=True)
     # absolute log weight = log(phq . phk) + row scale + key scale; the key scale is shared
     k_scale = state["k_scale"]
-    return _lowrank_rows(phq, sq[..., 0] + k_scale, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask)
+    return _lowrank_rows(phq, sq[..., 0] + k_scale, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask,
+                         start=start, size=size)
 
 
 COMPRESSIONS.add_extra("performer", "row_logw", _performer_rows)
@@ -415,11 +421,11 @@ def nystrom(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
     return Branch(num, den, a), state
 
 
-def _nystrom_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+def _nystrom_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size):
     f = jnp.einsum("bhrd,bhld->bhrl", q_rows.astype(jnp.float32), state["k_land"])
     a = jax.lax.stop_gradient(jnp.max(f, -1))
     phq = jnp.einsum("bhrl,bhlm->bhrm", jnp.exp(f - a[..., None]), state["pinv"]) * state["scale"][:, :, None, :]
-    return _lowrank_rows(phq, a, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask)
+    return _lowrank_rows(phq, a, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask, start=start, size=size)
 
 
 COMPRESSIONS.add_extra("nystrom", "row_logw", _nystrom_rows)
@@ -444,12 +450,13 @@ def linformer(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
     return Branch.from_softmax(out, lse), dict(k_proj=k_proj, f=f)
 
 
-def _linformer_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask):
+def _linformer_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size):
     # effective weight on value s: sum_r softmax_r * F[s, r] (clipped at 0: it can be negative)
     s = jnp.einsum("bhrd,bhpd->bhrp", q_rows, state["k_proj"], preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(s, -1, keepdims=True)
-    eff = jnp.einsum("bhrp,sp->bhrs", jnp.exp(s - lse), state["f"].astype(jnp.float32))
-    keys = _row_key_mask(t_rows, eff.shape[-1], causal=False, kv_mask=kv_mask)
+    f = jax.lax.dynamic_slice_in_dim(state["f"], start, size, axis=0)
+    eff = jnp.einsum("bhrp,sp->bhrs", jnp.exp(s - lse), f.astype(jnp.float32))
+    keys = _row_key_mask(t_rows, start + jnp.arange(size), causal=False, kv_mask=kv_mask)
     return jnp.where(keys & (eff > TINY), jnp.log(jnp.maximum(eff, TINY)) + lse, LOG0)
 
 

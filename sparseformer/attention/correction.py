@@ -6,7 +6,11 @@ softmax branch has `num = out`, `den = 1`, `ls = log-sum-exp`). A merge rule com
 branches; exclusion (leaving the selected blocks out of the compressed branch) is done by the
 compressions themselves; the regulariser lives in `compose`.
 
-Merge rules (registry `CORRECTIONS`, key `model.attention.correction.merge`):
+Merge rules (registry `CORRECTIONS`, key `model.attention.correction.merge`), each with the
+extras `shares(branches, gates)` (each branch's share of a row's mass, `[B, H, T]` each) and
+`rows(logws, gates, lses)`: the merged rows' unnormalised log-weights `[B, H, R, C]` on a chunk
+of keys, from each branch's absolute log-weights there `[B, H, R, C]` and its row normaliser
+over all the keys `lses` `[B, H, R]` (the regulariser evaluates the keys chunk by chunk):
   lse        one softmax normaliser over both branches: exact where the compression is exact
   gated_sum  NSA's gated sum of separately normalised branch outputs
   sum        the naive sum used when correction is off: each branch normalised on its own and
@@ -91,19 +95,15 @@ def gate_values(gate_logits: jax.Array | None, n: int) -> list[jax.Array]:
     return [g[None, :, i, None] for i in range(n)]
 
 
-def _normalise(logw: jax.Array) -> jax.Array:
-    return logw - jax.nn.logsumexp(logw, axis=-1, keepdims=True)
-
-
-def _rows_lse(logws, gates):
+def _rows_lse(logws, gates, lses):
     """Approximate attention rows under one normaliser: absolute weights add up."""
-    return _normalise(jax.nn.logsumexp(jnp.stack([lw + jnp.log(g)[..., None] for lw, g in zip(logws, gates)]), axis=0))
+    return jax.nn.logsumexp(jnp.stack([lw + jnp.log(g)[..., None] for lw, g in zip(logws, gates)]), axis=0)
 
 
-def _rows_mixture(logws, gates):
-    """Rows of a (gated) sum of separately normalised branches."""
-    parts = [_normalise(lw) + jnp.log(g)[..., None] for lw, g in zip(logws, gates)]
-    return _normalise(jax.nn.logsumexp(jnp.stack(parts), axis=0))
+def _rows_mixture(logws, gates, lses):
+    """Rows of a (gated) sum of separately normalised branches (`lses`: each branch's normaliser)."""
+    parts = [lw - ls[..., None] + jnp.log(g)[..., None] for lw, ls, g in zip(logws, lses, gates)]
+    return jax.nn.logsumexp(jnp.stack(parts), axis=0)
 
 
 def _shares_lse(branches, gates):
@@ -144,11 +144,18 @@ def naive_sum(branches: Sequence[Branch], gates) -> jax.Array:
     return weighted_sum(tuple(br.num for br in branches), tuple(_inverse(br.den) for br in branches))
 
 
-def kl_rows(logp_dense: jax.Array, logp_approx: jax.Array, row_ok: jax.Array, *, per_head: bool = False) -> jax.Array:
-    """Mean over valid rows of KL(dense || approx); both `[B, H, R, S]` log-probabilities.
-    `per_head`: the mean of each head, `[H]`."""
+def kl_terms(logp_dense: jax.Array, logp_approx: jax.Array, keys: jax.Array | None = None) -> jax.Array:
+    """KL(dense || approx) summed over some keys of each row, `[B, H, R]`, from `[B, H, R, C]`
+    log-probabilities normalised over all the keys (so that chunks of keys add up); `keys`
+    `[C]` (None: all) picks the keys that count."""
     p = jnp.exp(logp_dense)
-    kl = jnp.sum(jnp.where(p > 0, p * (logp_dense - jnp.maximum(logp_approx, LOG_FLOOR)), 0.0), axis=-1)
+    use = p > 0 if keys is None else (p > 0) & keys
+    return jnp.sum(jnp.where(use, p * (logp_dense - jnp.maximum(logp_approx, LOG_FLOOR)), 0.0), axis=-1)
+
+
+def kl_rows(kl: jax.Array, row_ok: jax.Array, *, per_head: bool = False) -> jax.Array:
+    """Mean over valid rows of the per-row KL(dense || approx) `[B, H, R]` (`kl_terms` over all
+    keys). `per_head`: the mean of each head, `[H]`."""
     w = jnp.broadcast_to(row_ok, kl.shape).astype(jnp.float32)
     axes = (0, 2) if per_head else None
     return jnp.sum(kl * w, axis=axes) / jnp.maximum(jnp.sum(w, axis=axes), 1.0)
