@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sparseformer.attention import rand
-from sparseformer.attention.compression import _row_key_mask
+from sparseformer.attention.compression import Public, _row_key_mask
 from sparseformer.attention.config import block_multiple, budget_exceeds_keys, selection_kernel, validate
 from sparseformer.attention.correction import Branch, gate_values, kl_rows, kl_terms
 from sparseformer.attention.dense import LOG0, dense_attention, dense_attention_chunked
@@ -123,12 +123,17 @@ def attend(
     if padded:
         kv_mask = _pad_to(kv_mask.astype(bool), 1, S_pad)
 
+    # the same arrays in the caller's layout, padded: what the fused kernel, the pooled branch and
+    # BigBird's global rows read in place, so their backward passes keep the caller's q, k, v and
+    # not the head-major copies above (those are then only transients)
+    public = Public(_pad_to(q, 1, T_pad), _pad_to(k, 1, S_pad), _pad_to(v, 1, S_pad), D**-0.5)
     if query_block is None:
         q_used, q_pos = qh, jnp.arange(T_pad)
     else:
         start = jnp.asarray(query_block, jnp.int32) * mult
         q_used = jax.lax.dynamic_slice_in_dim(qh, start, mult, axis=2)
         q_pos = start + jnp.arange(mult)
+        public = public._replace(q=jax.lax.dynamic_slice_in_dim(public.q, start, mult, axis=1))
     Tq = q_used.shape[2]
 
     branches: list[Branch] = []
@@ -154,12 +159,9 @@ def attend(
             kv_m = kv_mask if padded else None
             out_b, lse_b = masked_block_attention(causal, q_used, kh, vh, selection, kv_m, q_pos)
         elif kernel == "pallas":  # reads q, k, v in attend's own [B, T, H, D] layout, scaling q itself
-            q_in = _pad_to(q, 1, T_pad)
-            if query_block is not None:
-                q_in = jax.lax.dynamic_slice_in_dim(q_in, q_pos[0], Tq, axis=1)
             out_b, lse_b = fused_block_attention(
-                causal, q_in, _pad_to(k, 1, S_pad), _pad_to(v, 1, S_pad), selection, kv_mask if padded else None,
-                layout="BTHD", scale=D**-0.5,
+                causal, public.q, public.k, public.v, selection, kv_mask if padded else None,
+                layout="BTHD", scale=public.scale,
             )
         else:
             idx, valid, start = selection.idx, selection.valid, selection.row_start
@@ -170,8 +172,10 @@ def attend(
     exclude = selection if (corr.enabled and corr.exclusion and selection is not None) else None
     if comp_cfg.enabled and not exact:
         comp = COMPRESSIONS.get(comp_cfg.kind)
+        layout = {"public": public} if comp.extras.get("public_layout") else {}
         branch, comp_state = comp.fn(
-            q_used, kh, vh, kv_mask, q_pos=q_pos, causal=causal, config=config, params=params, rng=rng, sel=exclude
+            q_used, kh, vh, kv_mask, q_pos=q_pos, causal=causal, config=config, params=params, rng=rng, sel=exclude,
+            **layout,
         )
         branches.append(branch)
 
@@ -189,15 +193,14 @@ def attend(
     n_global_rows = sel_cfg.global_blocks * sel_cfg.block_size if global_rows else 0
     n_global_rows = min(n_global_rows, Tq)
     if n_global_rows and query_block is None:  # BigBird's global queries see every key
-        out_g, _ = dense_attention_chunked(qh[:, :, :n_global_rows], _pad_to(k, 1, S_pad), _pad_to(v, 1, S_pad),
-                                           kv_mask=kv_mask)
+        out_g, _ = dense_attention_chunked(qh[:, :, :n_global_rows], public.k, public.v, kv_mask=kv_mask)
         out = out.at[:, :, :n_global_rows].set(out_g)
 
     aux = {"aux_loss": jnp.zeros((), jnp.float32), "fidelity": jnp.zeros((), jnp.float32),
            "fidelity_heads": jnp.zeros((H,), jnp.float32)}
     if corr.aux_rows > 0 and query_block is None and branches:
         kl_heads = _fidelity(
-            qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config,
+            qh, public.k, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config,
             causal=causal, rng=None if fixed else rng, n_global_rows=n_global_rows,
         )
         kl = jnp.mean(kl_heads)  # every head has the same valid rows: the mean over all rows
@@ -240,7 +243,16 @@ def _over_key_chunks(fn, n: int):
     return jax.lax.map(fn, jnp.arange(n, dtype=jnp.int32))
 
 
-def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config, *, causal, rng, n_global_rows):
+def _row_scores(q_BHRD, k_BSHD, **kw):
+    """`q . k` for a few query rows against keys in the public layout, `[B, H, R, S]`; the query
+    heads of a group share their key/value head."""
+    B, H, R, D = q_BHRD.shape
+    Hk = k_BSHD.shape[2]
+    s = jnp.einsum("bkgrd,bskd->bkgrs", q_BHRD.reshape(B, Hk, H // Hk, R, D), k_BSHD, **kw)
+    return s.reshape(B, H, R, k_BSHD.shape[1])
+
+
+def _fidelity(qh, k_BSHD, kv_mask, T, branches, selection, exclude, comp_state, gates, rule, config, *, causal, rng, n_global_rows):
     """KL(dense || approximate) on a few query rows, `O(rows * S * D)`.
 
     Each branch reports the absolute log-weight it gives every key for those rows; the merge
@@ -248,7 +260,7 @@ def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gate
     `fidelity_chunk` (three passes: the rows' normalisers, the merged rows' normaliser, the KL),
     so memory is `rows x chunk`, in the backward pass too.
     """
-    S = kh.shape[2]
+    S = k_BSHD.shape[1]  # keys read in place, chunk by chunk (not a head-major copy)
     R = min(config.correction.aux_rows, T)
     if rng is None:
         rows = (jnp.arange(R) * T) // R + (T // R) // 2
@@ -268,7 +280,7 @@ def _fidelity(qh, kh, kv_mask, T, branches, selection, exclude, comp_state, gate
         k_pos = start + jnp.arange(C)
         own = None if S % C == 0 else k_pos >= i * C
         mask_c = None if kv_mask is None else jax.lax.dynamic_slice_in_dim(kv_mask, start, C, axis=1)
-        s_rows = jnp.einsum("bhrd,bhsd->bhrs", q_rows, jax.lax.dynamic_slice_in_dim(kh, start, C, axis=2),
+        s_rows = _row_scores(q_rows, jax.lax.dynamic_slice_in_dim(k_BSHD, start, C, axis=1),
                             preferred_element_type=jnp.float32)
         keys = _row_key_mask(rows, k_pos, causal=causal, kv_mask=mask_c)
         logws, chosen_keys = [], None

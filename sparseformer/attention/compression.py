@@ -14,7 +14,11 @@ in `extras`:
       `start` may be traced, `size` is static; `excluded [B, H, R, size]` and `kv_mask [B, size]`
       (or None) are already cut to those keys. The regulariser calls it chunk by chunk, so
       memory stays `R x size`;
-  init(config, key, *, num_heads, head_dim, max_len) -> dict of parameters (optional).
+  init(config, key, *, num_heads, head_dim, max_len) -> dict of parameters (optional);
+  public_layout: True when `fn` also takes `public=Public(q, k, v, scale)`: the same queries, keys
+      and values in `attend`'s own layout (`[B, T, H, D]` unscaled, `[B, S, Hk, D]`). Reading those
+      instead of the head-major copies, the branch's backward pass keeps the caller's arrays, not
+      copies of them (`pool` does).
 """
 
 from __future__ import annotations
@@ -52,25 +56,37 @@ def _row_key_mask(t_rows, k_pos, *, causal, kv_mask, excluded_keys=None):
 # ---------------------------------------------------------------- pool
 
 
+class Public(NamedTuple):
+    """Queries, keys and values in `attend`'s own layout: `q [B, T, H, D]` (unscaled: multiply by
+    `scale`), `k, v [B, S, Hk, D]` (`H % Hk == 0`)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    scale: float
+
+
 def _pool_summaries(k, v, kv_mask, p):
     """Mean key and value of each chunk of `p` keys, the count of real keys, and the keys'
-    variance around their mean (averaged over dimensions): `[B, H, nc, D]` x 2, `[B|1, 1, nc]`,
-    `[B, H, nc]`. The sum of squares is one float32-accumulating contraction of `k` with itself,
-    so the backward pass keeps `k` (kept anyway), not a float32 copy of it."""
-    B, H, S, D = k.shape
-    kc, vc = k.reshape(B, H, S // p, p, D), v.reshape(B, H, S // p, p, D)
-    k_sq_tok = jnp.einsum("bhsd,bhsd->bhs", k, k, preferred_element_type=jnp.float32).reshape(B, H, S // p, p)
+    variance around their mean (averaged over dimensions), from `k, v [B, S, Hk, D]` (the public
+    layout, read in place): `[B, Hk, nc, D]` x 2, `[B|1, 1, nc]`, `[B, Hk, nc]`. The sum of squares
+    is one float32-accumulating contraction of `k` with itself, so the backward pass keeps `k`
+    (kept anyway), not a float32 copy of it."""
+    B, S, H, D = k.shape
+    kc, vc = k.reshape(B, S // p, p, H, D), v.reshape(B, S // p, p, H, D)
+    k_sq_tok = jnp.einsum("bshd,bshd->bhs", k, k, preferred_element_type=jnp.float32).reshape(B, H, S // p, p)
     if kv_mask is None:
-        k_mean = jnp.mean(kc, 3, dtype=jnp.float32)
+        k_mean = jnp.mean(kc, 2, dtype=jnp.float32)
         k_sq = jnp.mean(k_sq_tok, 3) / D
-        cnt, v_mean = jnp.full((1, 1, S // p), float(p)), jnp.mean(vc, 3)
+        cnt, v_mean = jnp.full((1, 1, S // p), float(p)), jnp.mean(vc, 2)
     else:
-        w = kv_mask.reshape(B, 1, S // p, p, 1).astype(jnp.float32)
-        cnt = jnp.sum(w, axis=3)[..., 0]  # [B, 1, nc]
-        safe = jnp.maximum(cnt, 1.0)[..., None]
-        k_mean = jnp.sum(kc * w, 3) / safe
-        k_sq = jnp.sum(k_sq_tok * w[..., 0], 3) / (safe[..., 0] * D)
-        v_mean = jnp.sum(vc * w, 3) / safe
+        w = kv_mask.reshape(B, S // p, p, 1, 1).astype(jnp.float32)
+        cnt = jnp.swapaxes(jnp.sum(w, axis=2)[..., 0], 1, 2)  # [B, 1, nc]
+        safe = jnp.maximum(cnt, 1.0)
+        k_mean = jnp.sum(kc * w, 2) / jnp.swapaxes(safe, 1, 2)[..., None]
+        k_sq = jnp.sum(k_sq_tok * kv_mask.reshape(B, 1, S // p, p).astype(jnp.float32), 3) / (safe * D)
+        v_mean = jnp.sum(vc * w, 2) / jnp.swapaxes(safe, 1, 2)[..., None]
+    k_mean, v_mean = jnp.swapaxes(k_mean, 1, 2), jnp.swapaxes(v_mean, 1, 2)  # [B, H, nc, D]: small
     var = jnp.maximum(k_sq - jnp.mean(jnp.square(k_mean), -1), 0.0)  # E[k^2] - E[k]^2
     return k_mean, v_mean, cnt, var
 
@@ -120,17 +136,27 @@ class _PoolStatic(NamedTuple):
     moments: bool
     causal: bool
     chunk: int
+    public: bool = False  # q is `[B, T, H, D]` unscaled (multiplied by `scale` chunk by chunk)
+    scale: float = 1.0
+
+
+def _rows_axis(static: _PoolStatic) -> int:
+    return 1 if static.public else 2
 
 
 def _pool_chunk(static: _PoolStatic, i, q, q_pos, cnt, sel):
     """Chunk `i` of the query rows: its first row (clamped so that the last chunk ends at T), which
-    of its rows are `fresh` (not covered by an earlier chunk), its queries and its summary mask."""
-    T, c = q.shape[2], static.chunk
+    of its rows are `fresh` (not covered by an earlier chunk), its head-major scaled queries
+    `[B, H, rows, D]` and its summary mask."""
+    T, c = q.shape[_rows_axis(static)], static.chunk
     start = jnp.minimum(i * c, T - c)
     rows = start + jnp.arange(c)
     pos = jax.lax.dynamic_slice_in_dim(q_pos, start, c)
     mask = _pool_chunk_mask(pos, cnt, static.p, causal=static.causal, sel=sel, rows=rows)
-    return start, rows >= i * c, jax.lax.dynamic_slice_in_dim(q, start, c, axis=2), mask
+    q_c = jax.lax.dynamic_slice_in_dim(q, start, c, axis=_rows_axis(static))
+    if static.public:
+        q_c = jnp.swapaxes(q_c * jnp.asarray(static.scale, q.dtype), 1, 2)
+    return start, rows >= i * c, q_c, mask
 
 
 def _pool_scores(moments: bool, q_c, k_mean, var, cnt):
@@ -149,7 +175,7 @@ def _pool_attention(static: _PoolStatic, q, q_pos, k_mean, var, v_mean, cnt, sel
 
 
 def _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel):
-    B, H, T, _ = q.shape
+    B, H, T = (q.shape[0], q.shape[2], q.shape[1]) if static.public else q.shape[:3]
 
     def chunk(i):
         start, fresh, q_c, mask = _pool_chunk(static, i, q, q_pos, cnt, sel)
@@ -191,14 +217,19 @@ def _pool_attention_bwd(static, res, cts):
         dp = jnp.einsum("bhtd,bhcd->bhtc", do_c, v32)
         ds = p * (dp - take(delta)[..., None] + take(d_lse)[..., None])
         dq_c, dk_c, dvar_c = vjp(ds)
-        dq_c = jnp.where(fresh[:, None], dq_c.astype(dq.dtype), take(dq))
+        if static.public:  # the gradient of the unscaled [B, T, H, D] rows
+            dq_c = jnp.swapaxes(dq_c, 1, 2) * static.scale
+            rows_of_dq = jax.lax.dynamic_slice_in_dim(dq, start, static.chunk, axis=1)
+            dq_c = jnp.where(fresh[:, None, None], dq_c.astype(dq.dtype), rows_of_dq)
+        else:
+            dq_c = jnp.where(fresh[:, None], dq_c.astype(dq.dtype), take(dq))
         dv = dv + jnp.einsum("bhtc,bhtd->bhcd", p, do_c)
         dvar = None if dvar is None else dvar + dvar_c
-        return jax.lax.dynamic_update_slice_in_dim(dq, dq_c, start, axis=2), dk + dk_c, dvar, dv
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_c, start, axis=_rows_axis(static)), dk + dk_c, dvar, dv
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k_mean.shape, jnp.float32),
             None if var is None else jnp.zeros(var.shape, jnp.float32), jnp.zeros(v_mean.shape, jnp.float32))
-    n = -(-q.shape[2] // static.chunk)
+    n = -(-q.shape[_rows_axis(static)] // static.chunk)
     dq, dk, dvar, dv = body(0, init) if n == 1 else jax.lax.fori_loop(0, n, body, init)
     cast = lambda d, x: None if x is None else d.astype(x.dtype)  # noqa: E731
     return cast(dq, q), None, cast(dk, k_mean), cast(dvar, var), cast(dv, v_mean), None, None
@@ -208,15 +239,24 @@ _pool_attention.defvjp(_pool_attention_fwd, _pool_attention_bwd)
 
 
 @COMPRESSIONS.register("pool", exact_when_full=True, supports_exclusion=True)
-def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
+def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel, public: Public | None = None):
     """One summary token per key block (mean key, mean value), with `log(count)` added to its
-    logit so that one token stands for the block's keys. Exact when blocks are one token."""
+    logit so that one token stands for the block's keys. Exact when blocks are one token.
+
+    With `public` (what `attend` passes), it reads the queries, keys and values from there, so its
+    backward pass keeps the caller's arrays and not the head-major copies `q`, `k`, `v`."""
     p = pool_block_size(config)
     moments = config.compression.pool_moments
-    k_mean, v_mean, cnt, var = _pool_summaries(k, v, kv_mask, p)
-    T = q.shape[2]
-    static = _PoolStatic(p, moments, causal, pool_chunk_rows(T, k_mean.shape[2], q.shape[-1]))
-    out, lse = _pool_attention(static, q, q_pos, k_mean, var if moments else None, v_mean, cnt, sel)
+    if public is None:
+        public = Public(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), 1.0)
+    k_mean, v_mean, cnt, var = _pool_summaries(public.k, public.v, kv_mask, p)
+    group = public.q.shape[2] // k_mean.shape[1]
+    if group > 1:  # the summaries are small: one per query head
+        k_mean, v_mean, var = (jnp.repeat(x, group, axis=1) for x in (k_mean, v_mean, var))
+    T = public.q.shape[1]
+    static = _PoolStatic(p, moments, causal, pool_chunk_rows(T, k_mean.shape[2], public.q.shape[-1]), True,
+                         float(public.scale))
+    out, lse = _pool_attention(static, public.q, q_pos, k_mean, var if moments else None, v_mean, cnt, sel)
     return Branch.from_softmax(out, lse), dict(k_mean=k_mean, var=var, cnt=cnt, p=p, moments=moments)
 
 
@@ -235,6 +275,7 @@ def _pool_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size)
 
 
 COMPRESSIONS.add_extra("pool", "row_logw", _pool_rows)
+COMPRESSIONS.add_extra("pool", "public_layout", True)
 
 
 # ---------------------------------------------------------------- low-rank kernels (shared)

@@ -572,7 +572,10 @@ def _fused_bwd(plan, res, cts):
     q, k, v, meta, idx, valid, row_start, qids, kmask, out, lse = res
     qg = q if plan.bthd else _to_tiles(plan, q)
     out, lse = _to_tiles(plan, out), _to_tiles(plan, lse)
-    d_out, d_lse = (_to_tiles(plan, x.astype(jnp.float32)) for x in cts)
+    # d_out in the inputs' dtype (the kernels multiply in it; delta accumulates in float32): no
+    # float32 copy of the output's cotangent
+    d_out = _to_tiles(plan, cts[0].astype(q.dtype))
+    d_lse = _to_tiles(plan, cts[1].astype(jnp.float32))
     if plan.tpu:
         from sparseformer.attention import pallas_tpu
 

@@ -160,11 +160,13 @@ def test_attend_with_the_fused_kernel_decodes_as_the_full_pass(target):
     assert rel_error(full, ref) < 1e-5
 
 
-@pytest.mark.parametrize("block,head_dim", [(64, 64), (64, 128), (128, 64), (128, 128)])
-def test_forward_backward_lowers_for_the_gpu(block, head_dim):
+@pytest.mark.parametrize("block,head_dim,kv_heads", [(64, 64, 4), (64, 64, 8), (64, 128, 4), (128, 64, 4), (128, 128, 4)])
+def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads):
     """Tracing, tiling and shape errors of the Triton lowering show on this CPU; the PTX compile
-    itself happens only on a GPU."""
-    T, H, Hk = 4096, 8, 4
+    itself happens only on a GPU. One head a tile reads q, k, v in place ([B, T, H, D]: 8 kv heads,
+    the benchmark's shape; and 128 x 128 tiles with a group of two heads); two heads a tile take the
+    head-major layout."""
+    T, H, Hk = 4096, 8, kv_heads
     q = jax.ShapeDtypeStruct((1, T, H, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, T, Hk, head_dim), jnp.bfloat16)
     c = presets.get("rsa")

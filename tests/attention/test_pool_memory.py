@@ -122,6 +122,34 @@ def test_pool_equals_one_shot_autodiff(monkeypatch, chunks, causal, padded, excl
         assert np.all(np.asarray(got[0][:, :, :3]) == 0.0) and np.all(np.asarray(got[1][:, :, :3]) == LOG0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_pool_reading_the_public_layout_equals_head_major(monkeypatch, padded):
+    """What attend passes (`public`: unscaled `[B, T, H, D]` queries, `[B, S, Hk, D]` keys and values,
+    one key/value head for two query heads here) gives the head-major branch's values and gradients."""
+    monkeypatch.setattr(compression, "POOL_CHUNK_SHARE", 0.38)  # several chunks, the last overlapping
+    q, k, v, w_out, w_lse = _inputs()
+    k, v = k[:, ::2], v[:, ::2]  # [B, H / 2, T, D]
+    kv_mask = jnp.ones((B, T), bool).at[1, 40:].set(False) if padded else None
+    scale = 0.7
+    fn, config, q_pos = COMPRESSIONS.get("pool").fn, _config(True), jnp.arange(T)
+
+    def public(q, k, v):  # the same arrays in the caller's layout
+        pub = compression.Public(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), scale)
+        br, _ = fn(None, None, None, kv_mask, q_pos=q_pos, causal=True, config=config, params={}, rng=None, sel=None,
+                   public=pub)
+        return br.num, br.ls
+
+    def head_major(q, k, v):
+        k, v = (jnp.repeat(x, 2, axis=1) for x in (k, v))
+        return _pool(config, kv_mask, q_pos, True, None)(q * scale, k, v)
+
+    got = _values_and_grads(public, q, k, v, w_out, w_lse)
+    ref = _values_and_grads(head_major, q, k, v, w_out, w_lse)
+    assert rel_error(got[0], ref[0]) < 1e-6 and rel_error(got[1], ref[1]) < 1e-6
+    for a, b in zip(got[2], ref[2]):
+        assert rel_error(a, b) < 1e-5
+
+
 def test_pool_bfloat16_gradients_keep_dtypes():
     q, k, v, w_out, w_lse = (x.astype(jnp.bfloat16) for x in _inputs())
     out, lse, grads = _values_and_grads(_pool(_config(True), None, jnp.arange(T), True, None), q, k, v, w_out, w_lse)
@@ -141,10 +169,14 @@ def test_pool_backward_keeps_no_logits_and_no_float32_keys(causal, padded):
     c.compression.update(enabled=True, kind="pool", block_size=p, pool_moments=True)
     fn = COMPRESSIONS.get("pool").fn
 
-    def loss(q, k, v):
-        br, _ = fn(q, k, v, kv_mask, q_pos=jnp.arange(Tm), causal=causal, config=c, params={}, rng=None, sel=None)
+    def loss(q, k, v):  # [B, T, H, D], as attend passes them (`public`): read in place, not copied
+        public = compression.Public(q, k, v, Dm**-0.5)
+        head_major = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]  # unused when `public` is given
+        br, _ = fn(*head_major, kv_mask, q_pos=jnp.arange(Tm), causal=causal, config=c, params={}, rng=None, sel=None,
+                   public=public)
         return jnp.sum(br.num) + jnp.sum(br.ls)
 
+    q = jnp.swapaxes(q, 1, 2)
     kept = [(aval, why) for aval, why in ad_checkpoint.saved_residuals(loss, q, q, q) if not why.startswith("from the argument")]
     assert kept  # the summaries, the output and its log-sum-exp at least
     for aval, why in kept:
