@@ -7,7 +7,8 @@
    dq/dk/dv, bfloat16 and float32, bidirectional with padding and causal, GQA; relative errors.
 2. Determinism: the backward pass twice on the same inputs, compared bit for bit.
 3. The kernel alone: forward and forward+backward time of `fused_block_attention` with rsa's budget
-   (8 slots of 64 per query block), against cuDNN and JAX's Pallas flash attention at the same
+   (8 slots of 64 per query block), head-major and reading `[B, T, H, D]` in place (as `attend`
+   calls it), against cuDNN and JAX's Pallas flash attention at the same
    shape and against the `scan` kernel it replaces on the same selection, as TFLOP/s of the pairs
    each computes (median of 20 calls after warm-up). JAX's dense flash attention in Triton beside
    its Mosaic GPU one (forward) is the measured hint for which backend a sparse kernel should use.
@@ -37,7 +38,9 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, seed=0):
+def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0):
+    """One case; `layout="BTHD"` gives the kernel q, k, v in `attend`'s own layout, read in place (q
+    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged)."""
     rng = np.random.default_rng(seed)
     B, n, Hk = 1, T // b, H // G
     keys = jax.random.split(jax.random.key(seed), 5)
@@ -50,6 +53,9 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, seed=0):
     sel = random_selection(rng, B=B, Hk=Hk, G=G, n=n, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
 
     def fused(q, k, v):
+        if layout == "BTHD":
+            q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * 2, k, v))
+            return pallas_kernel.fused_block_attention(causal, q, k, v, sel, kv_mask, layout="BTHD", scale=0.5)
         return pallas_kernel.fused_block_attention(causal, q, k, v, sel, kv_mask)
 
     def scan(q, k, v):
@@ -72,7 +78,7 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, seed=0):
     tol = 1e-4 if dtype == jnp.float32 else 3e-2
     ok = all(e < tol for e in errs.values()) and deterministic and all(
         bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in d_f)
-    return {"name": name, "T": T, "block": b, "head_dim": D, "heads": H, "group": G, "dtype": jnp.dtype(dtype).name,
+    return {"name": name, "layout": layout, "T": T, "block": b, "head_dim": D, "heads": H, "group": G, "dtype": jnp.dtype(dtype).name,
             "causal": causal, "padding": padding, "row_starts": row_starts, "errors": errs,
             "deterministic": deterministic, "tolerance": tol, "ok": ok}
 
@@ -117,6 +123,10 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16):
     fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(pallas_kernel.fused_block_attention(causal, q, k, v, sel)[0] * w),
                           argnums=(0, 1, 2)))
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    # the same kernel reading [B, T, H, D] in place, as attend calls it (strided rows): the layout's cost
+    bthd = lambda q, k, v: pallas_kernel.fused_block_attention(causal, q, k, v, sel, layout="BTHD")[0]  # noqa: E731
+    fwd_bthd = jax.jit(bthd)
+    fb_bthd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(bthd(q, k, v) * w), argnums=(0, 1, 2)))
     dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"))
     dense_fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(dense(q, k, v).astype(jnp.float32) * jnp.swapaxes(w, 1, 2)),
                                 argnums=(0, 1, 2)))
@@ -128,6 +138,7 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16):
     dense_pairs = H * T * T // (2 if causal else 1)
     for name, fn, args, fl in (
         ("fused_fwd", fwd, (q, k, v), flops), ("fused_fwd_bwd", fb, (q, k, v), 3 * flops),
+        ("fused_bthd_fwd", fwd_bthd, (qt, kt, vt), flops), ("fused_bthd_fwd_bwd", fb_bthd, (qt, kt, vt), 3 * flops),
         ("cudnn_fwd", dense, (qt, kt, vt), 4 * D * dense_pairs), ("cudnn_fwd_bwd", dense_fb, (qt, kt, vt), 12 * D * dense_pairs),
         ("scan_fwd", scan, (q, k, v), flops), ("scan_fwd_bwd", scan_fb, (q, k, v), 3 * flops),  # the kernel it replaces
     ):
@@ -155,9 +166,9 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16):
     except Exception as e:  # noqa: BLE001
         row["mgpu_dense_error"] = f"{type(e).__name__}: {e}"
     for p in ("fwd", "fwd_bwd"):
-        for other in ("cudnn", "scan"):
-            if f"fused_{p}_ms" in row and f"{other}_{p}_ms" in row:
-                row[f"fused_vs_{other}_rate_{p}"] = row[f"fused_{p}_tflops"] / row[f"{other}_{p}_tflops"]
+        for mine, other in (("fused", "cudnn"), ("fused", "scan"), ("fused_bthd", "cudnn"), ("fused_bthd", "fused")):
+            if f"{mine}_{p}_ms" in row and f"{other}_{p}_ms" in row:
+                row[f"{mine}_vs_{other}_rate_{p}"] = row[f"{mine}_{p}_tflops"] / row[f"{other}_{p}_tflops"]
     return row
 
 
@@ -173,6 +184,11 @@ def main(out_dir: str) -> int:
              padding=True, row_starts=False),
         dict(name="f16 bidir b128 d64", T=2048, b=128, D=64, H=4, G=1, dtype=jnp.float16, causal=False,
              padding=False, row_starts=True),
+        # q, k, v read in place from [B, T, H, D] (what attend passes on a GPU; one head a tile)
+        dict(name="bf16 bidir padding b64 d64 in place", T=4096, b=64, D=64, H=8, G=1, dtype=jnp.bfloat16,
+             causal=False, padding=True, row_starts=True, layout="BTHD"),
+        dict(name="bf16 causal gqa b128 d128 in place", T=4096, b=128, D=128, H=4, G=2, dtype=jnp.bfloat16,
+             causal=True, padding=False, row_starts=False, layout="BTHD"),
     ]
     ok = True
     for c in cases:
