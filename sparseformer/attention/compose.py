@@ -117,7 +117,7 @@ def attend(
     mult = block_multiple(config, causal=causal)
     T_pad, S_pad = -(-T // mult) * mult, -(-S // mult) * mult
     qh = _pad_to(jnp.swapaxes(q * jnp.asarray(D**-0.5, q.dtype), 1, 2), 2, T_pad)
-    kh_kv = _pad_to(jnp.swapaxes(k, 1, 2), 2, S_pad)  # [B, Hk, S, D]
+    kh_kv = _pad_to(jnp.swapaxes(k, 1, 2), 2, S_pad)  # [B, Hk, S, D]: for the estimate and the CPU kernels
     vh_kv = _pad_to(jnp.swapaxes(v, 1, 2), 2, S_pad)
     kh, vh = (jnp.repeat(x, group, axis=1) for x in (kh_kv, vh_kv)) if group > 1 else (kh_kv, vh_kv)
     if padded:
@@ -280,8 +280,8 @@ def _fidelity(qh, k_BSHD, kv_mask, T, branches, selection, exclude, comp_state, 
         k_pos = start + jnp.arange(C)
         own = None if S % C == 0 else k_pos >= i * C
         mask_c = None if kv_mask is None else jax.lax.dynamic_slice_in_dim(kv_mask, start, C, axis=1)
-        s_rows = _row_scores(q_rows, jax.lax.dynamic_slice_in_dim(k_BSHD, start, C, axis=1),
-                            preferred_element_type=jnp.float32)
+        k_c = jax.lax.dynamic_slice_in_dim(k_BSHD, start, C, axis=1)
+        s_rows = _row_scores(q_rows, k_c, preferred_element_type=jnp.float32)
         keys = _row_key_mask(rows, k_pos, causal=causal, kv_mask=mask_c)
         logws, chosen_keys = [], None
         if selection is not None:
