@@ -136,26 +136,20 @@ class _PoolStatic(NamedTuple):
     moments: bool
     causal: bool
     chunk: int
-    public: bool = False  # q is `[B, T, H, D]` unscaled (multiplied by `scale` chunk by chunk)
-    scale: float = 1.0
-
-
-def _rows_axis(static: _PoolStatic) -> int:
-    return 1 if static.public else 2
+    scale: float  # q is `[B, T, H, D]` unscaled, multiplied by `scale` chunk by chunk
 
 
 def _pool_chunk(static: _PoolStatic, i, q, q_pos, cnt, sel):
-    """Chunk `i` of the query rows: its first row (clamped so that the last chunk ends at T), which
-    of its rows are `fresh` (not covered by an earlier chunk), its head-major scaled queries
-    `[B, H, rows, D]` and its summary mask."""
-    T, c = q.shape[_rows_axis(static)], static.chunk
+    """Chunk `i` of the query rows of `q [B, T, H, D]`: its first row (clamped so that the last
+    chunk ends at T), which of its rows are `fresh` (not covered by an earlier chunk), its
+    head-major scaled queries `[B, H, rows, D]` and its summary mask."""
+    T, c = q.shape[1], static.chunk
     start = jnp.minimum(i * c, T - c)
     rows = start + jnp.arange(c)
     pos = jax.lax.dynamic_slice_in_dim(q_pos, start, c)
     mask = _pool_chunk_mask(pos, cnt, static.p, causal=static.causal, sel=sel, rows=rows)
-    q_c = jax.lax.dynamic_slice_in_dim(q, start, c, axis=_rows_axis(static))
-    if static.public:
-        q_c = jnp.swapaxes(q_c * jnp.asarray(static.scale, q.dtype), 1, 2)
+    q_c = jax.lax.dynamic_slice_in_dim(q, start, c, axis=1)
+    q_c = jnp.swapaxes(q_c * jnp.asarray(static.scale, q.dtype), 1, 2)
     return start, rows >= i * c, q_c, mask
 
 
@@ -166,16 +160,17 @@ def _pool_scores(moments: bool, q_c, k_mean, var, cnt):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _pool_attention(static: _PoolStatic, q, q_pos, k_mean, var, v_mean, cnt, sel):
-    """Softmax attention of every query over the summary tokens: out `[B, H, T, D]` in q's dtype (as
-    the fused exact kernel stores its output: half the bytes kept for the backward in bfloat16) and
-    its float32 log-sum-exp `[B, H, T]` (zero and LOG0 on rows with no summary). Flash-style: computed
-    over chunks of query rows (sliced from q, not copied), the backward pass keeps only the inputs,
-    `out` and `lse` and recomputes each chunk's probabilities, so nothing `T x nc` outlives a chunk."""
+    """Softmax attention of every query (`q [B, T, H, D]`, unscaled) over the summary tokens: out
+    `[B, H, T, D]` in q's dtype (as the fused exact kernel stores its output: half the bytes kept for
+    the backward in bfloat16) and its float32 log-sum-exp `[B, H, T]` (zero and LOG0 on rows with no
+    summary). Flash-style: computed over chunks of query rows (sliced from q, not copied), the
+    backward pass keeps only the inputs, `out` and `lse` and recomputes each chunk's probabilities,
+    so nothing `T x nc` outlives a chunk."""
     return _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel)[0]
 
 
 def _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel):
-    B, H, T = (q.shape[0], q.shape[2], q.shape[1]) if static.public else q.shape[:3]
+    B, T, H = q.shape[:3]
 
     def chunk(i):
         start, fresh, q_c, mask = _pool_chunk(static, i, q, q_pos, cnt, sel)
@@ -217,19 +212,16 @@ def _pool_attention_bwd(static, res, cts):
         dp = jnp.einsum("bhtd,bhcd->bhtc", do_c, v32)
         ds = p * (dp - take(delta)[..., None] + take(d_lse)[..., None])
         dq_c, dk_c, dvar_c = vjp(ds)
-        if static.public:  # the gradient of the unscaled [B, T, H, D] rows
-            dq_c = jnp.swapaxes(dq_c, 1, 2) * static.scale
-            rows_of_dq = jax.lax.dynamic_slice_in_dim(dq, start, static.chunk, axis=1)
-            dq_c = jnp.where(fresh[:, None, None], dq_c.astype(dq.dtype), rows_of_dq)
-        else:
-            dq_c = jnp.where(fresh[:, None], dq_c.astype(dq.dtype), take(dq))
+        dq_c = jnp.swapaxes(dq_c, 1, 2) * static.scale  # the gradient of the unscaled [B, T, H, D] rows
+        rows_of_dq = jax.lax.dynamic_slice_in_dim(dq, start, static.chunk, axis=1)
+        dq_c = jnp.where(fresh[:, None, None], dq_c.astype(dq.dtype), rows_of_dq)
         dv = dv + jnp.einsum("bhtc,bhtd->bhcd", p, do_c)
         dvar = None if dvar is None else dvar + dvar_c
-        return jax.lax.dynamic_update_slice_in_dim(dq, dq_c, start, axis=_rows_axis(static)), dk + dk_c, dvar, dv
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_c, start, axis=1), dk + dk_c, dvar, dv
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k_mean.shape, jnp.float32),
             None if var is None else jnp.zeros(var.shape, jnp.float32), jnp.zeros(v_mean.shape, jnp.float32))
-    n = -(-q.shape[_rows_axis(static)] // static.chunk)
+    n = -(-q.shape[1] // static.chunk)
     dq, dk, dvar, dv = body(0, init) if n == 1 else jax.lax.fori_loop(0, n, body, init)
     cast = lambda d, x: None if x is None else d.astype(x.dtype)  # noqa: E731
     return cast(dq, q), None, cast(dk, k_mean), cast(dvar, var), cast(dv, v_mean), None, None
@@ -254,8 +246,8 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel, public: P
     if group > 1:  # the summaries are small: one per query head
         k_mean, v_mean, var = (jnp.repeat(x, group, axis=1) for x in (k_mean, v_mean, var))
     T = public.q.shape[1]
-    static = _PoolStatic(p, moments, causal, pool_chunk_rows(T, k_mean.shape[2], public.q.shape[-1]), True,
-                         float(public.scale))
+    chunk = pool_chunk_rows(T, k_mean.shape[2], public.q.shape[-1])
+    static = _PoolStatic(p, moments, causal, chunk, float(public.scale))
     out, lse = _pool_attention(static, public.q, q_pos, k_mean, var if moments else None, v_mean, cnt, sel)
     return Branch.from_softmax(out, lse), dict(k_mean=k_mean, var=var, cnt=cnt, p=p, moments=moments)
 
