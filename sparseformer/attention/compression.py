@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from sparseformer.attention import rand
 from sparseformer.attention.config import pool_block_size
 from sparseformer.attention.correction import Branch
-from sparseformer.attention.dense import LOG0, masked_softmax
+from sparseformer.attention.dense import LOG0, masked_softmax, softmax_delta
 from sparseformer.attention.registry import COMPRESSIONS
 from sparseformer.attention.selection import Selection, _gather, _slots, slot_mask, to_blocks
 
@@ -199,7 +199,7 @@ def _pool_attention_fwd(static, q, q_pos, k_mean, var, v_mean, cnt, sel):
 def _pool_attention_bwd(static, res, cts):
     q, q_pos, k_mean, var, v_mean, cnt, sel, out, lse = res
     d_out, d_lse = (x.astype(jnp.float32) for x in cts)
-    delta = jnp.einsum("bhtd,bhtd->bht", d_out, out, preferred_element_type=jnp.float32)
+    delta = softmax_delta(out, d_out, d_lse)  # [B, H, T]
     v32 = v_mean.astype(jnp.float32)
 
     def body(i, acc):
@@ -210,7 +210,7 @@ def _pool_attention_bwd(static, res, cts):
         s, vjp = jax.vjp(lambda q_c, k_mean, var: _pool_scores(static.moments, q_c, k_mean, var, cnt), q_c, k_mean, var)
         p = jnp.where(mask & fresh[:, None], jnp.exp(s - take(lse)[..., None]), 0.0)  # [B, H, rows, nc]
         dp = jnp.einsum("bhtd,bhcd->bhtc", do_c, v32)
-        ds = p * (dp - take(delta)[..., None] + take(d_lse)[..., None])
+        ds = p * (dp - take(delta)[..., None])
         dq_c, dk_c, dvar_c = vjp(ds)
         dq_c = jnp.swapaxes(dq_c, 1, 2) * static.scale  # the gradient of the unscaled [B, T, H, D] rows
         rows_of_dq = jax.lax.dynamic_slice_in_dim(dq, start, static.chunk, axis=1)

@@ -47,6 +47,12 @@ def masked_softmax(
     return out / safe[..., None], jnp.where(has, m[..., 0] + jnp.log(safe), LOG0)
 
 
+def softmax_delta(out: jax.Array, d_out: jax.Array, d_lse: jax.Array) -> jax.Array:
+    """Flash attention's backward statistic `rowsum(d_out * out)` minus the log-sum-exp's own
+    cotangent, float32 `[..., T]` (any input dtype): `ds = p * (d_out . v - softmax_delta)`."""
+    return jnp.einsum("...d,...d->...", d_out, out, preferred_element_type=jnp.float32) - d_lse
+
+
 def dense_attention(
     q_BHTD: jax.Array,
     k_BHSD: jax.Array,

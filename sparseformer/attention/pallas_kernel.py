@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sparseformer.attention.dense import LOG0
+from sparseformer.attention.dense import LOG0, softmax_delta
 
 # A key block's inverted list is walked by programs of at most this many entries each.
 LIST_PIECE = 16
@@ -465,7 +465,7 @@ def _forward(plan: Plan, qg, k, v, meta, kmask):
 def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse, d_out, d_lse):
     B, Hk, R, TR, D = _tiles_shape(plan, qg, k)
     S, n, m, b = _kv_len(plan, k), plan.num_query_blocks, plan.num_key_blocks, plan.block
-    dd = _delta(out, d_out, d_lse)
+    dd = softmax_delta(out, d_out, d_lse)
     d_out = d_out.astype(qg.dtype)  # the kernels multiply in the inputs' dtype: half the bytes to read
     mask_args = (kmask,) if plan.has_mask else ()
 
@@ -524,12 +524,6 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
         )
 
     return dq, reduce(dk, dk_x), reduce(dv, dv_x)
-
-
-def _delta(out, d_out, d_lse):
-    """`rowsum(d_out * out) - d_lse` in float32: flash attention's delta minus the log-sum-exp's
-    own cotangent."""
-    return jnp.einsum("...d,...d->...", d_out, out, preferred_element_type=jnp.float32) - d_lse
 
 
 def _to_tiles(plan: Plan, x):

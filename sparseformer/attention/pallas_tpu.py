@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sparseformer.attention.dense import LOG0
-from sparseformer.attention.pallas_kernel import _delta, pair_mask  # a key block's mask is `[1, b]` here
+from sparseformer.attention.dense import LOG0, softmax_delta
+from sparseformer.attention.pallas_kernel import pair_mask  # a key block's mask is `[1, b]` here
 
 # Bytes of block lists one call takes into scalar memory (SMEM: 1 MiB per core from TPU v4 on; the
 # compiler keeps some): a call covers as many (batch, kv head) pairs as fit.
@@ -303,7 +303,7 @@ def backward(plan, qg, k, v, meta, idx, valid, row_start, qids, kmask, out, lse,
     """dq `[B, Hk, R, n*rows, D]`, dk and dv `[B, Hk, S, D]`, float32."""
     B, Hk, R, TR, D = qg.shape
     S, n, b = k.shape[2], plan.num_query_blocks, plan.block
-    dd = _flat(_delta(out, d_out, d_lse))[..., None]
+    dd = _flat(softmax_delta(out, d_out, d_lse))[..., None]
     lse_f, do_f = _flat(lse)[..., None], _flat(d_out.astype(qg.dtype))
     qf, kf, vf = _flat(qg), _flat(k), _flat(v)
     mask_args = (kmask,) if plan.has_mask else ()
