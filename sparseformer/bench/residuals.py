@@ -42,10 +42,10 @@ def _source(why: str) -> str:
     if not m:
         return why.split(" from ")[0] if why.startswith("output of") else why
     path = m.group(1)
-    for marker in ("sparseformer/", "site-packages/"):
-        if marker in path:
-            path = path[path.index(marker) + (len("site-packages/") if marker == "site-packages/" else 0):]
-            break
+    if "site-packages/" in path:  # jax's own files: from the package on
+        path = path.split("site-packages/", 1)[1]
+    elif "sparseformer/" in path:  # ours: repository-relative
+        path = path[path.index("sparseformer/"):]
     return f"{path}:{m.group(2)} ({m.group(3)})"
 
 
