@@ -183,11 +183,13 @@ def test_prefill_then_cached_decoding_equals_full_pass(preset: str):
 
     def run(m, x):
         logits_p, cache = m.prefill(x[:, :P])
-        rest = []
-        for t in range(P, L):
-            logits_t, cache = m.decode_step(x[:, t], cache, jnp.int32(t))
-            rest.append(logits_t)
-        return m(x)[0], jnp.concatenate([logits_p, jnp.stack(rest, 1)], 1)
+
+        def step(cache, t):  # one compiled decoding step for every position, as generation runs it
+            logits_t, cache = m.decode_step(jax.lax.dynamic_index_in_dim(x, t, 1, keepdims=False), cache, t)
+            return cache, logits_t
+
+        _, rest_LBV = jax.lax.scan(step, cache, jnp.arange(P, L))
+        return m(x)[0], jnp.concatenate([logits_p, jnp.swapaxes(rest_LBV, 0, 1)], 1)
 
     full, cached = nnx.jit(run)(model, ids)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=2e-5, rtol=2e-5)
