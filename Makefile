@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 # 2 workers by default (the CI machines have 2 cores); override with `make test PYTEST_WORKERS=0`.
+# worksteal: an idle worker takes tests queued on the other (tests/conftest.py puts the slow ones first).
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test bench clean
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal tests
 
 demo: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m sparseformer demo

@@ -21,3 +21,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (the end-to-end ones, tens of seconds each) run first, the rest keep their
+    order. With the Makefile's `-n 2 --dist worksteal`, the long tests start at once and the short
+    ones fill in around them: no worker is left running one long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

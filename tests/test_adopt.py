@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from files_runs import tiny_run  # noqa: E402
 
 
+@pytest.mark.slow
 def test_adopt_report_resume_and_verdict(tmp_path, monkeypatch):
     _, teacher = tiny_run(tmp_path, "dense")
     options = AdoptOptions(teacher=str(teacher), out=str(tmp_path / "adopt"), steps=2, lengths=(256,), repeats=2,

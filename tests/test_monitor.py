@@ -8,12 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from sparseformer import monitor as monitor_lib
 
 sys.path.insert(0, str(Path(__file__).parent))
 from files_runs import records, tiny_run, write  # noqa: E402
 
 
+@pytest.mark.slow
 def test_monitor_passes_on_training_data_and_fails_on_planted_long_inputs(tmp_path, capsys):
     train, run = tiny_run(tmp_path, "rsa")
     assert monitor_lib.monitor_main([f"--workdir={run}", f"--input={train}", "--sample=64"]) == 0

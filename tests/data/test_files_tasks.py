@@ -39,6 +39,7 @@ def train(tmp_path: Path, capsys, kind: str, *args: str, attention: str = "rsa")
     return code, capsys.readouterr().err, work
 
 
+@pytest.mark.slow
 def test_classify_jsonl_holdout_labels_saved_and_eval_reads_them(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", classify_records(60, labels=("10", "2", "neg")))
     code, err, work = train(tmp_path, capsys, "classify", f"--config.data.train_file={data}")
@@ -54,6 +55,7 @@ def test_classify_jsonl_holdout_labels_saved_and_eval_reads_them(tmp_path, capsy
     assert f"{data}:61: label '0' is" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_translate_tsv_with_a_sentencepiece_tokenizer(tmp_path, capsys):
     pytest.importorskip("sentencepiece")
     rows = ["src\ttgt"] + [f"{w} {w}s and {w}\t{w[::-1]} ok" for w in ("cat", "dog", "bird", "fish") * 15]
@@ -72,6 +74,7 @@ def test_translate_tsv_with_a_sentencepiece_tokenizer(tmp_path, capsys):
     assert metrics["task"] == "files_translate" and "bleu" in metrics
 
 
+@pytest.mark.slow
 def test_lm_csv_with_quoted_commas(tmp_path, capsys):
     lines = ["id,body"] + [f'{i},"hello, world {i}, ""quoted"" {"ab" * (i % 7)}"' for i in range(40)]
     (tmp_path / "lm.csv").write_text("\n".join(lines) + "\n")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import RUNS, make_run
 
 from sparseformer.bench.cli import bench_main
 
 
+@pytest.mark.slow
 def test_dense_and_rsa_side_by_side(runs, tmp_path):
     dense = make_run(tmp_path / "dense", "listops", "dense", RUNS["listops"][1])
     out = tmp_path / "out"

@@ -38,6 +38,7 @@ print("imported:", sorted(m for m in sys.modules if m.split(".")[0] in BANNED))
 """
 
 
+@pytest.mark.slow
 def test_run_py_without_sparseformer_gives_the_checkpoint_predictions(runs, tmp_path):
     jobs, expected = [], {}
     for task, run in runs.items():

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_resume import finish, toy_process  # noqa: E402
@@ -21,6 +22,7 @@ def losses(workdir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (workdir / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     overrides = {"num_train_steps": 4, "checkpoint_every_steps": 2, "mesh.data": 4, "mesh.model": 2,
                  "data.eval_batches": 1}

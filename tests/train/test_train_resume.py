@@ -44,6 +44,7 @@ def metrics(workdir: Path) -> dict:
     return json.loads((workdir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     overrides = {"num_train_steps": 12, "checkpoint_every_steps": 4, "data.delay": 0.15, "mesh.model": 2}
     reference = toy_process(tmp_path / "ref", {**overrides, "data.delay": 0.0})
