@@ -164,7 +164,7 @@ def test_aux_loss_reaches_the_loss():
         config.model.attention.correction.aux_weight = weight
         config.model.attention.selection.top_k = 3  # not every block: something left to approximate
         model = build_model(config, nnx.Rngs(0))
-        loss, metrics = MODEL_KINDS["classifier"].loss(model, b, rng=None, train=False)
+        loss, metrics = nnx.jit(lambda m, b: MODEL_KINDS["classifier"].loss(m, b, rng=None, train=False))(model, b)
         losses[weight] = (float(loss), float(metrics["aux_loss"][0]), float(metrics["fidelity"][0]))
     assert losses[0.0][1] == 0.0 and losses[1.0][1] > 0.0
     assert losses[1.0][0] == pytest.approx(losses[0.0][0] + losses[1.0][1], rel=1e-5)
