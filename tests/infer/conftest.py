@@ -8,7 +8,10 @@ step has to be compiled (the trainer itself is tested in tests/train).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -60,6 +63,20 @@ def make_run(workdir: Path, task: str, attention: str, overrides: dict, *, seed:
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """task -> a tiny run directory (classifier, dual encoder, seq2seq, language model)."""
-    root = tmp_path_factory.mktemp("runs")
-    return {task: make_run(root / task, task, att, ov) for task, (att, ov) in RUNS.items()}
+    """task -> a tiny run directory (classifier, dual encoder, seq2seq, language model).
+
+    Made once per `pytest` session: under xdist the first worker to get here writes them into the
+    session's shared temporary directory while the others wait on a file lock, then all read them
+    (the tests only read runs). Without xdist they go to this session's own temporary directory."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.mktemp("runs")
+        return {task: make_run(root / task, task, att, ov) for task, (att, ov) in RUNS.items()}
+    root = tmp_path_factory.getbasetemp().parent / "infer_runs"  # the session's, shared by its workers
+    with open(root.parent / "infer_runs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "complete").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way
+            for task, (att, ov) in RUNS.items():
+                make_run(root / task, task, att, ov)
+            (root / "complete").touch()
+    return {task: root / task for task in RUNS}
