@@ -25,12 +25,14 @@ def test_the_option_is_one_this_xla_knows():
 
 
 class _Lowered:
-    def __init__(self, error=None):
-        self.calls, self.error = [], error
+    """Records its compile options; raises `error` with them (`always`: without them too)."""
+
+    def __init__(self, error=None, always=False):
+        self.calls, self.error, self.always = [], error, always
 
     def compile(self, compiler_options=None):
         self.calls.append(compiler_options)
-        if compiler_options and self.error:
+        if self.error and (compiler_options or self.always):
             raise self.error
         return "compiled"
 
@@ -49,7 +51,8 @@ def test_an_xla_without_the_option_compiles_without_it(capsys):
     assert "resumed run may differ" in capsys.readouterr().out
 
 
-def test_other_compile_errors_are_not_swallowed():
-    lowered = _Lowered(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+def test_an_error_of_the_step_itself_is_raised():
+    lowered = _Lowered(RuntimeError("RESOURCE_EXHAUSTED: out of memory"), always=True)
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
         compile_step(lowered, backend="gpu")
+    assert lowered.calls == [DETERMINISTIC_GPU_OPTIONS, None]
