@@ -347,8 +347,8 @@ def _key_features(k, w, stab, mask=None):
 
 # The Performer branch runs over chunks of query (and key) rows: `PERFORMER_ROWS_PER_FEATURE x
 # rank` rows each (a multiple of the block, dividing the length), or more to stay within
-# POOL_MAX_CHUNKS chunks. A chunk's transient features are `rows x rank` float32; the causal branch
-# keeps one `[rank, D]` prefix state per chunk for its backward pass, `2 / PERFORMER_ROWS_PER_FEATURE`
+# POOL_MAX_CHUNKS chunks. A chunk's transient features are `rows x rank` float32; the causal
+# backward holds one `[rank, D]` summary gradient per chunk (transient), `2 / PERFORMER_ROWS_PER_FEATURE`
 # of a bfloat16 `[T, D]` input.
 PERFORMER_ROWS_PER_FEATURE = 4
 
@@ -518,8 +518,8 @@ def _favor_attention(static: _FavorStatic, q, k, v, w, stab, kv_mask, q_pos, sel
     Over chunks of query rows (bidirectional: after one pass over chunks of keys for the summaries
     `sum phi(k) v^T`, `sum phi(k)`; causal: the summaries carried from chunk to chunk, queries
     contiguous from `q_pos[0]`). The backward pass keeps the inputs and the `[r, D]` summaries
-    (causal: one per chunk) and recomputes every feature chunk by chunk, so nothing of size
-    `T x r` outlives a chunk."""
+    and recomputes every feature chunk by chunk (causal: the summaries too, in the forward
+    order), so nothing of size `T x r` outlives a chunk."""
     return _favor_attention_fwd(static, q, k, v, w, stab, kv_mask, q_pos, sel)[0]
 
 
@@ -534,21 +534,24 @@ def _favor_attention_fwd(static, q, k, v, w, stab, kv_mask, q_pos, sel):
         ctx = _sum_keys(static, w, stab, k, v, kv_mask, k.shape[1] // static.key_chunk, zeros)
 
     def body(i, carry):
-        num, den, sq, ctx, kept = carry
+        num, den, sq, ctx = carry
         q_c, diag, excl = _chunk_inputs(static, q, k, v, kv_mask, q_pos, sel, i)
         num_c, den_c, sq_c = _chunk_out(static, w, stab, q_c, ctx, diag, excl)
         put = lambda x, x_c: jax.lax.dynamic_update_slice_in_dim(x, x_c, i * C, axis=2)  # noqa: E731
-        if static.causal:  # keep the summaries this chunk saw; the next chunk sees its keys too
-            kept = tuple(jax.lax.dynamic_update_index_in_dim(a, x, i, 0) for a, x in zip(kept, ctx))
-            s = _key_summary(w, stab, *diag)
-            ctx = (ctx[0] + s[0], ctx[1] + s[1])
-        return put(num, num_c), put(den, den_c), put(sq, sq_c), ctx, kept
+        return put(num, num_c), put(den, den_c), put(sq, sq_c), _absorb(static, w, stab, ctx, diag)
 
-    kept = tuple(jnp.zeros((n,) + x.shape, x.dtype) for x in zeros) if static.causal else None
     init = (jnp.zeros((B, H, T, v.shape[-1]), jnp.float32), jnp.zeros((B, H, T), jnp.float32),
-            jnp.zeros((B, H, T), jnp.float32), ctx, kept)
-    num, den, sq, ctx, kept = jax.lax.fori_loop(0, n, body, init)
-    return (num, den, sq), (q, k, v, w, stab, kv_mask, q_pos, sel, kept if static.causal else ctx)
+            jnp.zeros((B, H, T), jnp.float32), ctx)
+    num, den, sq, _ = jax.lax.fori_loop(0, n, body, init)
+    return (num, den, sq), (q, k, v, w, stab, kv_mask, q_pos, sel, ctx)
+
+
+def _absorb(static, w, stab, ctx, diag):
+    """Causal: the summaries the next chunk sees, `ctx` plus this chunk's own keys `diag`."""
+    if not static.causal:
+        return ctx
+    s = _key_summary(w, stab, *diag)
+    return ctx[0] + s[0], ctx[1] + s[1]
 
 
 def _favor_attention_bwd(static, res, cts):
@@ -588,18 +591,22 @@ def _favor_attention_bwd(static, res, cts):
         return _add_rows(dk, start, dk_c), _add_rows(dv, start, dv_c)
 
     acc = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-    dctx0 = tuple(jnp.zeros(x.shape[1:] if static.causal else x.shape, jnp.float32) for x in ctx)
     if static.causal:
-        def body(j, carry):  # last chunk first: `dlater` is the summaries' gradient from the chunks after i
-            acc, dlater = carry
-            i = n - 1 - j
-            acc, (dk_d, dv_d), dctx = chunk_vjp(i, tuple(x[i] for x in ctx), acc)
+        def body(i, carry):  # the summaries recomputed chunk by chunk as the forward pass made them
+            acc, ctx_i, dpre = carry
+            acc, (dk_d, dv_d), dctx = chunk_vjp(i, ctx_i, acc)
             start = q_pos[0] + i * C
-            dk, dv = summary_vjp(start, C, dlater, acc[1:])
-            dk, dv = _add_rows(dk, start, dk_d), _add_rows(dv, start, dv_d)
-            return (acc[0], dk, dv), tuple(a + d for a, d in zip(dlater, dctx))
+            acc = (acc[0], _add_rows(acc[1], start, dk_d), _add_rows(acc[2], start, dv_d))
+            dpre = tuple(jax.lax.dynamic_update_index_in_dim(a, x, i, 0) for a, x in zip(dpre, dctx))
+            return acc, _absorb(static, w, stab, ctx_i, _key_rows(k, v, kv_mask, start, C)), dpre
 
-        acc, dctx = jax.lax.fori_loop(0, n, body, (acc, dctx0))
+        dpre = tuple(jnp.zeros((n,) + x.shape, jnp.float32) for x in ctx)  # each chunk's summaries' gradient
+        acc, _, dpre = jax.lax.fori_loop(0, n, body, (acc, ctx, dpre))
+        later = tuple(jnp.cumsum(x[::-1], 0)[::-1] for x in dpre)  # [i]: from chunks i, i + 1, ...
+        # chunk i's keys enter the summaries of the chunks after it; the last chunk's, none
+        dk, dv = jax.lax.fori_loop(0, n - 1, lambda i, kv: summary_vjp(
+            q_pos[0] + i * C, C, tuple(x[i + 1] for x in later), kv), acc[1:])
+        acc, dctx = (acc[0], dk, dv), tuple(x[0] for x in later)
         head = static._replace(key_chunk=C)
     else:
         def body(i, carry):
@@ -607,7 +614,7 @@ def _favor_attention_bwd(static, res, cts):
             acc, _, dctx = chunk_vjp(i, ctx, acc)
             return acc, tuple(a + d for a, d in zip(dsum, dctx))
 
-        acc, dctx = jax.lax.fori_loop(0, n, body, (acc, dctx0))
+        acc, dctx = jax.lax.fori_loop(0, n, body, (acc, tuple(jnp.zeros(x.shape, jnp.float32) for x in ctx)))
         head = static
     # the keys every chunk summarised (bidirectional: all; causal: those before the first chunk)
     n_keys = q_pos[0] // C if static.causal else k.shape[1] // static.key_chunk
