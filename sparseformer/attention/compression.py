@@ -517,7 +517,7 @@ def _favor_attention(static: _FavorStatic, q, k, v, w, stab, kv_mask, q_pos, sel
 
     Over chunks of query rows (bidirectional: after one pass over chunks of keys for the summaries
     `sum phi(k) v^T`, `sum phi(k)`; causal: the summaries carried from chunk to chunk, queries
-    contiguous from `q_pos[0]`). The backward pass keeps the inputs and the `[r, D]` summaries
+    contiguous from `q_pos[0]`, a multiple of the chunk, as attend passes them). The backward pass keeps the inputs and the `[r, D]` summaries
     and recomputes every feature chunk by chunk (causal: the summaries too, in the forward
     order), so nothing of size `T x r` outlives a chunk."""
     return _favor_attention_fwd(static, q, k, v, w, stab, kv_mask, q_pos, sel)[0]

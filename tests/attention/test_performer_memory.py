@@ -134,14 +134,13 @@ def _branch(kv_mask, q_pos, causal, sel, rng, public_scale=None):
     return f
 
 
-CASES = [  # causal, padded, exclusion ("rows": slots that serve only some rows of a block)
-    (False, False, None), (True, False, None), (False, True, "blocks"), (True, True, "blocks"),
-    (False, False, "rows"), (True, True, "rows"),
+CASES = [  # chunks, causal, padded, exclusion ("rows": slots that serve only some rows of a block)
+    (4, False, False, None), (4, True, False, None), (4, False, True, "blocks"), (4, True, True, "blocks"),
+    (4, False, False, "rows"), (4, True, True, "rows"), (1, False, True, "blocks"), (1, True, True, "rows"),
 ]
 
 
-@pytest.mark.parametrize("chunks", [1, 4])
-@pytest.mark.parametrize("causal,padded,exclusion", CASES)
+@pytest.mark.parametrize("chunks,causal,padded,exclusion", CASES)
 def test_performer_equals_one_shot_autodiff(monkeypatch, chunks, causal, padded, exclusion):
     # 64 rows in one chunk, or in 4 chunks of 16 (one row per feature)
     monkeypatch.setattr(compression, "PERFORMER_ROWS_PER_FEATURE", 4 if chunks == 1 else 1)
