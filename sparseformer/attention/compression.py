@@ -354,9 +354,13 @@ PERFORMER_ROWS_PER_FEATURE = 4
 
 
 def performer_chunk_rows(num_rows: int, rank: int, unit: int = 1) -> int:
-    """Rows per chunk of the Performer branch: the largest multiple of `unit` (the block, where
-    chunks must hold whole blocks) that divides `num_rows` and is at most the target."""
+    """Rows per chunk of the Performer branch. Without a block to respect (`unit` 1): the target,
+    the last chunk overlapping the one before where it does not divide `num_rows` (its rows already
+    covered are masked, as in the pooled branch). Otherwise (causal, or an exclusion: chunks hold whole
+    blocks `unit`): the largest multiple of `unit` that divides `num_rows` and is at most the target."""
     target = max(unit, PERFORMER_ROWS_PER_FEATURE * rank, -(-num_rows // POOL_MAX_CHUNKS))
+    if unit == 1:
+        return min(num_rows, target)
     n = num_rows // unit
     return unit * max(d for d in range(1, min(n, target // unit) + 1) if n % d == 0)
 
@@ -398,10 +402,28 @@ def _key_rows(k, v, kv_mask, start, size):
     return _head_major(k, start, size), _head_major(v, start, size), mask
 
 
+def _chunk_start(i, size, total):
+    """First row of chunk `i` of `size` rows out of `total`: `i * size`, clamped so that the last
+    chunk ends at `total` (overlapping the one before when `size` does not divide `total`)."""
+    return i * size if total % size == 0 else jnp.minimum(i * size, total - size)
+
+
+def _key_chunk(k, v, kv_mask, j, size):
+    """Chunk `j` of `size` keys: `(start, keys, values, mask)` as `_key_rows`, the keys an earlier
+    chunk covered masked out, so every key is counted once."""
+    B, S = k.shape[:2]
+    start = _chunk_start(j, size, S)
+    k_c, v_c, mask = _key_rows(k, v, kv_mask, start, size)
+    if S % size:
+        own = jnp.broadcast_to(start + jnp.arange(size) >= j * size, (B, size))
+        mask = own if mask is None else mask & own
+    return start, k_c, v_c, mask
+
+
 def _sum_keys(static, w, stab, k, v, kv_mask, n, init):
     """`init` plus the key summaries of the first `n` chunks of `static.key_chunk` keys (n may be traced)."""
     def body(j, acc):
-        s = _key_summary(w, stab, *_key_rows(k, v, kv_mask, j * static.key_chunk, static.key_chunk))
+        s = _key_summary(w, stab, *_key_chunk(k, v, kv_mask, j, static.key_chunk)[1:])
         return acc[0] + s[0], acc[1] + s[1]
 
     return jax.lax.fori_loop(0, n, body, init)
@@ -506,7 +528,7 @@ def _chunk_inputs(static, q, k, v, kv_mask, q_pos, sel, i):
     C = static.chunk
     diag = _key_rows(k, v, kv_mask, q_pos[0] + i * C, C) if static.causal else None
     excl = None if sel is None else _slot_keys(static, sel, k, v, kv_mask, i)
-    return _head_major(q, i * C, C), diag, excl
+    return _head_major(q, _chunk_start(i, C, q.shape[1]), C), diag, excl
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -526,18 +548,19 @@ def _favor_attention(static: _FavorStatic, q, k, v, w, stab, kv_mask, q_pos, sel
 def _favor_attention_fwd(static, q, k, v, w, stab, kv_mask, q_pos, sel):
     B, T, H, D = q.shape
     Hk, C = k.shape[2], static.chunk
-    n = T // C
+    n = -(-T // C)  # the last chunk overlaps the one before where C does not divide T (no block, no exclusion)
     zeros = (jnp.zeros((B, Hk, w.shape[0], v.shape[-1]), jnp.float32), jnp.zeros((B, Hk, w.shape[0]), jnp.float32))
     if static.causal:  # the keys before the first chunk (decoding: the whole cache before the block)
         ctx = _sum_keys(static._replace(key_chunk=C), w, stab, k, v, kv_mask, q_pos[0] // C, zeros)
     else:
-        ctx = _sum_keys(static, w, stab, k, v, kv_mask, k.shape[1] // static.key_chunk, zeros)
+        ctx = _sum_keys(static, w, stab, k, v, kv_mask, -(-k.shape[1] // static.key_chunk), zeros)
 
     def body(i, carry):
         num, den, sq, ctx = carry
         q_c, diag, excl = _chunk_inputs(static, q, k, v, kv_mask, q_pos, sel, i)
         num_c, den_c, sq_c = _chunk_out(static, w, stab, q_c, ctx, diag, excl)
-        put = lambda x, x_c: jax.lax.dynamic_update_slice_in_dim(x, x_c, i * C, axis=2)  # noqa: E731
+        # rows an earlier chunk covered are written again with the same values (rows are independent)
+        put = lambda x, x_c: jax.lax.dynamic_update_slice_in_dim(x, x_c, _chunk_start(i, C, T), axis=2)  # noqa: E731
         return put(num, num_c), put(den, den_c), put(sq, sq_c), _absorb(static, w, stab, ctx, diag)
 
     init = (jnp.zeros((B, H, T, v.shape[-1]), jnp.float32), jnp.zeros((B, H, T), jnp.float32),
@@ -557,8 +580,8 @@ def _absorb(static, w, stab, ctx, diag):
 def _favor_attention_bwd(static, res, cts):
     q, k, v, w, stab, kv_mask, q_pos, sel, ctx = res
     d_num, d_den = cts[0].astype(jnp.float32), cts[1].astype(jnp.float32)  # the row scale has no gradient
-    C, n = static.chunk, q.shape[1] // static.chunk
-    b = static.block
+    T, C = q.shape[1], static.chunk
+    n, b = -(-T // C), static.block
 
     def chunk_vjp(i, ctx_i, acc):
         """Chunk i's share of dq, dk, dv (its slots' keys and, causal, its own keys) and of the
@@ -573,19 +596,24 @@ def _favor_attention_bwd(static, res, cts):
             d = None if diag is None else dkv + diag[2:]
             return _chunk_out(static, w, stab, q_c, ctx_i, d, e)[:2]
 
-        take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * C, C, axis=2)  # noqa: E731
+        start = _chunk_start(i, C, T)
+
+        def take(x):  # the chunk's cotangent rows; zero on rows an earlier chunk covered (counted there)
+            x_c = jax.lax.dynamic_slice_in_dim(x, start, C, axis=2)
+            fresh = (start + jnp.arange(C) >= i * C).reshape((C,) + (1,) * (x_c.ndim - 3))
+            return x_c if T % C == 0 else jnp.where(fresh, x_c, 0.0)
+
         _, vjp = jax.vjp(f, q_c, kg, vg, dkv, ctx_i)
         dq_c, dkg, dvg, ddiag, dctx = vjp((take(d_num), take(d_den)))
-        dq = _add_rows(dq, i * C, dq_c)
+        dq = _add_rows(dq, start, dq_c)
         if excl is not None:
             where = _slot_index(excl[0][0], b, static.group)
             dk, dv = dk.at[where].add(dkg.astype(dk.dtype)), dv.at[where].add(dvg.astype(dv.dtype))
         return (dq, dk, dv), ddiag, dctx
 
-    def summary_vjp(start, size, dctx, acc):
-        """The keys `start ..` enter the summaries whose gradient is `dctx`."""
+    def summary_vjp(start, k_c, v_c, mask_c, dctx, acc):
+        """The keys `k_c, v_c` from `start` enter the summaries whose gradient is `dctx`."""
         dk, dv = acc
-        k_c, v_c, mask_c = _key_rows(k, v, kv_mask, start, size)
         _, vjp = jax.vjp(lambda k_c, v_c: _key_summary(w, stab, k_c, v_c, mask_c), k_c, v_c)
         dk_c, dv_c = vjp(dctx)
         return _add_rows(dk, start, dk_c), _add_rows(dv, start, dv_c)
@@ -605,9 +633,11 @@ def _favor_attention_bwd(static, res, cts):
         later = tuple(jnp.cumsum(x[::-1], 0)[::-1] for x in dpre)  # [i]: from chunks i, i + 1, ...
         # chunk i's keys enter the summaries of the chunks after it; the last chunk's, none
         dk, dv = jax.lax.fori_loop(0, n - 1, lambda i, kv: summary_vjp(
-            q_pos[0] + i * C, C, tuple(x[i + 1] for x in later), kv), acc[1:])
+            q_pos[0] + i * C, *_key_rows(k, v, kv_mask, q_pos[0] + i * C, C), tuple(x[i + 1] for x in later), kv),
+            acc[1:])
         acc, dctx = (acc[0], dk, dv), tuple(x[0] for x in later)
-        head = static._replace(key_chunk=C)
+        # the keys before the first chunk (decoding), in chunks of C ending at q_pos[0]
+        n_keys, key_chunk = q_pos[0] // C, (lambda j: (j * C,) + _key_rows(k, v, kv_mask, j * C, C))
     else:
         def body(i, carry):
             acc, dsum = carry
@@ -615,11 +645,10 @@ def _favor_attention_bwd(static, res, cts):
             return acc, tuple(a + d for a, d in zip(dsum, dctx))
 
         acc, dctx = jax.lax.fori_loop(0, n, body, (acc, tuple(jnp.zeros(x.shape, jnp.float32) for x in ctx)))
-        head = static
+        # every key, in the forward pass's chunks
+        n_keys, key_chunk = -(-k.shape[1] // static.key_chunk), (lambda j: _key_chunk(k, v, kv_mask, j, static.key_chunk))
     # the keys every chunk summarised (bidirectional: all; causal: those before the first chunk)
-    n_keys = q_pos[0] // C if static.causal else k.shape[1] // static.key_chunk
-    dk, dv = jax.lax.fori_loop(
-        0, n_keys, lambda j, kv: summary_vjp(j * head.key_chunk, head.key_chunk, dctx, kv), acc[1:])
+    dk, dv = jax.lax.fori_loop(0, n_keys, lambda j, kv: summary_vjp(*key_chunk(j), dctx, kv), acc[1:])
     return acc[0].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
 
 
@@ -635,14 +664,14 @@ def _key_log_scale(static, w, k, kv_mask):
         return jnp.full((1, 1, 1, 1), 0.5 * jnp.max(jnp.sum(jnp.square(w), -1)), jnp.float32)
 
     def body(j, m):
-        k_c, _, mask_c = _key_rows(k, k, kv_mask, j * static.key_chunk, static.key_chunk)
+        _, k_c, _, mask_c = _key_chunk(k, k, kv_mask, j, static.key_chunk)
         logphi = _log_features(_scaled_keys(k_c), w)
         if mask_c is not None:
             logphi = jnp.where(mask_c[:, None, :, None], logphi, LOG0)
         return jnp.maximum(m, jnp.max(logphi, axis=(-2, -1), keepdims=True))
 
     B, S, Hk, _ = k.shape
-    m = jax.lax.fori_loop(0, S // static.key_chunk, body, jnp.full((B, Hk, 1, 1), LOG0, jnp.float32))
+    m = jax.lax.fori_loop(0, -(-S // static.key_chunk), body, jnp.full((B, Hk, 1, 1), LOG0, jnp.float32))
     return jax.lax.stop_gradient(m)
 
 

@@ -183,3 +183,24 @@ def test_performer_decoding_one_block_equals_the_full_pass_rows():
                             q, k, v, w_num, w_den)
     got = _values_and_grads(_branch(None, q_pos, True, sel, rng), q, k, v, w_num, w_den)
     _assert_equal(got, ref)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_performer_with_chunks_that_do_not_divide_the_length(monkeypatch, padded):
+    """Without a block to respect (bidirectional, no exclusion), 61 query rows and 45 keys (primes
+    and their neighbours would otherwise give chunks of one row) run in chunks of 16, the last
+    overlapping the one before: every row and key counted once, in values and gradients."""
+    monkeypatch.setattr(compression, "PERFORMER_ROWS_PER_FEATURE", 1)
+    Tq, S = 61, 45
+    assert compression.performer_chunk_rows(Tq, R) == 16 and compression.performer_chunk_rows(S, R) == 16
+    kq, kk, kv, kw = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(kq, (B, H, Tq, D)) * 0.6
+    k = jax.random.normal(kk, (B, H, S, D)) * 0.9 + (jnp.arange(S)[:, None] % 3) * 0.3
+    v = jax.random.normal(kv, (B, H, S, D))
+    w_num, w_den = jax.random.normal(kw, (B, H, Tq, D)), jax.random.normal(kw, (B, H, Tq))
+    kv_mask = jnp.ones((B, S), bool).at[1, 40:].set(False) if padded else None
+    q_pos, rng = jnp.arange(Tq), jax.random.key(4)
+    ref = _values_and_grads(lambda q, k, v: _reference(q, k, v, kv_mask, q_pos, causal=False, sel=None, rng=rng),
+                            q, k, v, w_num, w_den)
+    got = _values_and_grads(_branch(kv_mask, q_pos, False, None, rng, public_scale=0.5), q, k, v, w_num, w_den)
+    _assert_equal(got, ref)
