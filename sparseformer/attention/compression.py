@@ -299,10 +299,11 @@ def _subtract_on_support(phq, phk, v, kv_mask, sel: Selection, causal: bool):
     return num.reshape(B, H, T, D), den.reshape(B, H, T)
 
 
-def _lowrank_rows(phq_rows, ls_rows, phk, t_rows, excluded, *, causal, kv_mask, start, size):
-    phk = jax.lax.dynamic_slice_in_dim(phk, start, size, axis=2)
+def _lowrank_rows(phq_rows, ls_rows, phk, t_rows, excluded, *, causal, kv_mask, start):
+    """Absolute log-weights `[B, H, R, C]` of a low-rank branch for a few query rows (features
+    `phq_rows`, log scale `ls_rows`) on the keys `start ..` whose features are `phk [B, H, C, f]`."""
     w = jnp.einsum("bhrf,bhsf->bhrs", phq_rows, phk)
-    keys = _row_key_mask(t_rows, start + jnp.arange(size), causal=causal, kv_mask=kv_mask, excluded_keys=excluded)
+    keys = _row_key_mask(t_rows, start + jnp.arange(phk.shape[2]), causal=causal, kv_mask=kv_mask, excluded_keys=excluded)
     return jnp.where(keys & (w > TINY), jnp.log(jnp.maximum(w, TINY)) + ls_rows[..., None], LOG0)
 
 
@@ -319,85 +320,394 @@ def orthogonal_features(key: jax.Array, rank: int, dim: int) -> jax.Array:
     return w * norms[:, None]
 
 
-def _favor(x, w, mask=None, *, per_row: bool, causal: bool = False):
-    """Features with `phi(q) . phi(k) ~= exp(q . k)`; returns (features, log scale).
+def _log_features(x, w):
+    """`[..., r]` float32 log-features `w . x - |x|^2 / 2` of `x [..., D]`: `phi(q) . phi(k) ~= exp(q . k)`."""
+    x = x.astype(jnp.float32)
+    return jnp.einsum("...d,rd->...r", x, w) - 0.5 * jnp.sum(jnp.square(x), -1, keepdims=True)
 
-    Keys share one log scale. Bidirectional: their largest log-feature. Causal: the bound
-    `max_r |w_r|^2 / 2` of any log-feature (`w.x - |x|^2/2 <= |w|^2/2`), which depends on no key,
-    so no output depends on a later key even through rounding (a shared maximum over all keys
-    cancels mathematically but not bit for bit)."""
-    proj = jnp.einsum("bhtd,rd->bhtr", x.astype(jnp.float32), w)
-    logphi = proj - 0.5 * jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
+
+def _query_features(q, w):
+    """FAVOR+ features of queries `[..., T, D]` with a log scale per row (their largest
+    log-feature): `[..., T, r]` float32 and the scale `[..., T]`."""
+    logphi = _log_features(q, w)
+    stab = jax.lax.stop_gradient(jnp.max(logphi, axis=-1, keepdims=True))
+    return jnp.exp(logphi - stab) / math.sqrt(w.shape[0]), stab[..., 0]
+
+
+def _key_features(k, w, stab, mask=None):
+    """FAVOR+ features of keys `[..., S, D]` under their shared log scale `stab` (broadcast to
+    `[..., S, r]`): `[..., S, r]` float32, zero at keys where `mask [..., S]` is False (even when
+    every key is masked)."""
+    logphi = _log_features(k, w)
     if mask is not None:
-        logphi = jnp.where(mask[:, None, :, None], logphi, LOG0)
-    if causal and not per_row:
-        stab = jnp.full((1, 1, 1, 1), 0.5 * jnp.max(jnp.sum(jnp.square(w), -1)), jnp.float32)
-    else:
-        axes = (-1,) if per_row else (-2, -1)
-        stab = jax.lax.stop_gradient(jnp.max(logphi, axis=axes, keepdims=True))
+        logphi = jnp.where(mask[..., None], logphi, LOG0)
     phi = jnp.exp(logphi - stab) / math.sqrt(w.shape[0])
-    if mask is not None:  # padded keys contribute nothing, even when every key is padded
-        phi = jnp.where(mask[:, None, :, None], phi, 0.0)
-    return phi, stab
+    return phi if mask is None else jnp.where(mask[..., None], phi, 0.0)
 
 
-def _performer_features(q, k, kv_mask, config, rng, causal=False):
-    D = q.shape[-1]
-    w = orthogonal_features(rng, config.compression.rank, D)
-    # q is already scaled by 1/sqrt(D): split the scale evenly between queries and keys
-    phq, sq = _favor(q * D**0.25, w, per_row=True)
-    phk, sk = _favor(k * D**-0.25, w, kv_mask, per_row=False, causal=causal)
-    return w, phq, phk, sq[..., 0], sk[..., 0]  # row scale [B, H, T], key scale [B, H, 1]
+# The Performer branch runs over chunks of query (and key) rows: `PERFORMER_ROWS_PER_FEATURE x
+# rank` rows each (a multiple of the block, dividing the length), or more to stay within
+# POOL_MAX_CHUNKS chunks. A chunk's transient features are `rows x rank` float32; the causal
+# backward holds one `[rank, D]` summary gradient per chunk (transient), `2 / PERFORMER_ROWS_PER_FEATURE`
+# of a bfloat16 `[T, D]` input.
+PERFORMER_ROWS_PER_FEATURE = 4
+
+
+def performer_chunk_rows(num_rows: int, rank: int, unit: int = 1) -> int:
+    """Rows per chunk of the Performer branch. Without a block to respect (`unit` 1): the target,
+    the last chunk overlapping the one before where it does not divide `num_rows` (its rows already
+    covered are masked, as in the pooled branch). Otherwise (causal, or an exclusion: chunks hold whole
+    blocks `unit`): the largest multiple of `unit` that divides `num_rows` and is at most the target."""
+    target = max(unit, PERFORMER_ROWS_PER_FEATURE * rank, -(-num_rows // POOL_MAX_CHUNKS))
+    if unit == 1:
+        return min(num_rows, target)
+    n = num_rows // unit
+    return unit * max(d for d in range(1, min(n, target // unit) + 1) if n % d == 0)
+
+
+class _FavorStatic(NamedTuple):
+    causal: bool
+    chunk: int  # query rows per chunk (causal: key rows too)
+    key_chunk: int  # key rows per chunk of the bidirectional summaries
+    block: int  # causal: the exact lower triangle's block; exclusion: the selection's block
+    scale: float  # q is `[B, T, H, D]` unscaled: multiplied by `scale` chunk by chunk
+    group: int  # query heads per key/value head
+
+
+def _head_major(x, start, size):
+    """Rows `start .. start + size - 1` of `x [B, T, H, D]`, head-major: `[B, H, size, D]`."""
+    return jnp.swapaxes(jax.lax.dynamic_slice_in_dim(x, start, size, axis=1), 1, 2)
+
+
+def _add_rows(acc, start, x_BHCD):
+    """`acc [B, T, H, D]` with the head-major rows `x [B, H, C, D]` added at `start`."""
+    rows = jax.lax.dynamic_slice_in_dim(acc, start, x_BHCD.shape[2], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(acc, rows + jnp.swapaxes(x_BHCD, 1, 2).astype(acc.dtype), start, axis=1)
+
+
+def _scaled_keys(k):
+    return k * k.shape[-1] ** -0.25  # q is already scaled by 1/sqrt(D): the scale split evenly
+
+
+def _key_summary(w, stab, k_c, v_c, mask_c):
+    """`sum_s phi(k_s) v_s^T [B, Hk, r, D]` and `sum_s phi(k_s) [B, Hk, r]` over a chunk of keys
+    `k_c, v_c [B, Hk, C, D]` (`mask_c [B, C]` or None)."""
+    phk = _key_features(_scaled_keys(k_c), w, stab, None if mask_c is None else mask_c[:, None])
+    return jnp.einsum("bhsr,bhsd->bhrd", phk, v_c.astype(jnp.float32)), jnp.sum(phk, 2)
+
+
+def _key_rows(k, v, kv_mask, start, size):
+    """Keys, values `[B, Hk, size, D]` and key mask `[B, size]` (or None) from `start`."""
+    mask = None if kv_mask is None else jax.lax.dynamic_slice_in_dim(kv_mask, start, size, axis=1)
+    return _head_major(k, start, size), _head_major(v, start, size), mask
+
+
+def _chunk_start(i, size, total):
+    """First row of chunk `i` of `size` rows out of `total`: `i * size`, clamped so that the last
+    chunk ends at `total` (overlapping the one before when `size` does not divide `total`)."""
+    return i * size if total % size == 0 else jnp.minimum(i * size, total - size)
+
+
+def _key_chunk(k, v, kv_mask, j, size):
+    """Chunk `j` of `size` keys: `(start, keys, values, mask)` as `_key_rows`, the keys an earlier
+    chunk covered masked out, so every key is counted once."""
+    B, S = k.shape[:2]
+    start = _chunk_start(j, size, S)
+    k_c, v_c, mask = _key_rows(k, v, kv_mask, start, size)
+    if S % size:
+        own = jnp.broadcast_to(start + jnp.arange(size) >= j * size, (B, size))
+        mask = own if mask is None else mask & own
+    return start, k_c, v_c, mask
+
+
+def _sum_keys(static, w, stab, k, v, kv_mask, n, init):
+    """`init` plus the key summaries of the first `n` chunks of `static.key_chunk` keys (n may be traced)."""
+    def body(j, acc):
+        s = _key_summary(w, stab, *_key_chunk(k, v, kv_mask, j, static.key_chunk)[1:])
+        return acc[0] + s[0], acc[1] + s[1]
+
+    return jax.lax.fori_loop(0, n, body, init)
+
+
+def _to_query_heads(x, group):
+    return jnp.repeat(x, group, axis=1) if group > 1 else x
+
+
+def _causal_chunk(phq, phk, v, ctx, c):
+    """Causal linear attention of a chunk of rows on itself, after the keys summarised in `ctx`
+    (`[B, H, r, D]`, `[B, H, r]`): per block of `c`, the prefix state before it plus the exact
+    lower triangle inside it (no per-token `r x D` state). Exclusive prefix sums by shifting, not
+    `cumsum - own`: that cancels a block's own (partly future) keys mathematically, not bit for bit."""
+    B, H, C, r = phk.shape
+    qc, kc, vc = (x.reshape(B, H, C // c, c, x.shape[-1]) for x in (phq, phk, v))
+    state = jnp.einsum("bhncr,bhncd->bhnrd", kc, vc)
+    zs = jnp.sum(kc, 3)
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :, :1]), jnp.cumsum(x, 2)[:, :, :-1]], 2)  # noqa: E731
+    prefix, zprefix = ctx[0][:, :, None] + shift(state), ctx[1][:, :, None] + shift(zs)
+    num = jnp.einsum("bhncr,bhnrd->bhncd", qc, prefix)
+    den = jnp.einsum("bhncr,bhnr->bhnc", qc, zprefix)
+    a = jnp.einsum("bhncr,bhnkr->bhnck", qc, kc) * jnp.tril(jnp.ones((c, c)))
+    num = num + jnp.einsum("bhnck,bhnkd->bhncd", a, vc)
+    den = den + jnp.sum(a, -1)
+    return num.reshape(B, H, C, -1), den.reshape(B, H, C)
+
+
+def _slot_keys(static, sel, k, v, kv_mask, i):
+    """Chunk `i`'s query blocks: their selection slots `(idx, valid, row_start)` `[B, H, nb, K]`, the
+    blocks' indices `[nb]`, and the keys, values `[B, H, nb, K, b, D]` and key mask `[B, H, nb, K, b]`
+    (or None) of every slot, gathered from the public layout (the same index scatters the gradients)."""
+    nb, b = static.chunk // static.block, static.block
+    cut = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, i * nb, nb, axis=2)  # noqa: E731
+    idx, valid, start = cut(sel.idx), cut(sel.valid), cut(sel.row_start)
+    where = _slot_index(idx, b, static.group)
+    mask = None if kv_mask is None else kv_mask[where[0], where[1]]
+    return (idx, valid, start), jax.lax.dynamic_slice_in_dim(sel.qids, i * nb, nb), k[where], v[where], mask
+
+
+def _slot_index(idx, b, group):
+    """Index of the `[B, S, Hk, D]` rows behind slots `idx [B, H, nb, K]`: batch, key position
+    `[B, H, nb, K, b]` and key head."""
+    B, H = idx.shape[:2]
+    bi = jnp.arange(B)[:, None, None, None, None]
+    hi = (jnp.arange(H) // group)[None, :, None, None, None]
+    return bi, idx[..., None] * b + jnp.arange(b), hi
+
+
+def _excluded(phq, w, stab, slots, qids, kg, vg, kmask_g, causal, b):
+    """The low-rank estimate of the pairs selection computed exactly (Scatterbrain's exclusion), for
+    a chunk of query rows `phq [B, H, C, r]`: `num [B, H, C, D]`, `den [B, H, C]`. Slot by slot, with
+    the exact kernel's mask, so the support matches it pair for pair."""
+    B, H, C, r = phq.shape
+    idx, valid, start = slots
+    phq_b = phq.reshape(B, H, C // b, b, r)
+    num, den = 0.0, 0.0
+    for j in range(idx.shape[-1]):
+        m_j = None if kmask_g is None else kmask_g[:, :, :, j]
+        phk_j = _key_features(_scaled_keys(kg[:, :, :, j]), w, stab[..., None], m_j)  # [B, H, nb, b, r]
+        a = jnp.einsum("bhnqr,bhnkr->bhnqk", phq_b, phk_j)
+        mask = _slot_pair_mask(idx[..., j], valid[..., j], m_j, qids, causal, b, None if start is None else start[..., j])
+        a = jnp.where(mask, a, 0.0)
+        num = num + jnp.einsum("bhnqk,bhnkd->bhnqd", a, vg[:, :, :, j].astype(jnp.float32))
+        den = den + jnp.sum(a, -1)
+    return num.reshape(B, H, C, -1), den.reshape(B, H, C)
+
+
+def _slot_pair_mask(idx_j, valid_j, kmask_j, qids, causal, b, start_j):
+    """`slot_mask` with the slot's key mask already gathered (`[B, H, nb, b]`)."""
+    mask = slot_mask(idx_j, valid_j, None, qids, causal, b, start_j)
+    return mask if kmask_j is None else mask & kmask_j[..., None, :]
+
+
+def _chunk_out(static, w, stab, q_c, ctx, diag, excl):
+    """num `[B, H, C, D]`, den `[B, H, C]` and the row log scale `[B, H, C]` of one chunk of query
+    rows (`q_c [B, H, C, D]` unscaled): its features against the summaries `ctx` (bidirectional: of
+    every key; causal: of the keys before the chunk, plus the chunk's own keys `diag`), less the
+    exclusion on the selection's slots `excl` (or None)."""
+    q_c = q_c * jnp.asarray(static.scale, q_c.dtype) * q_c.shape[-1] ** 0.25
+    phq, sq = _query_features(q_c, w)
+    ctx = tuple(_to_query_heads(x, static.group) for x in ctx)
+    stab_h = stab if stab.shape[1] == 1 else _to_query_heads(stab, static.group)
+    if static.causal:
+        k_c, v_c, mask_c = diag
+        phk = _key_features(_scaled_keys(k_c), w, stab, None if mask_c is None else mask_c[:, None])
+        phk, v_c = _to_query_heads(phk, static.group), _to_query_heads(v_c.astype(jnp.float32), static.group)
+        num, den = _causal_chunk(phq, phk, v_c, ctx, static.block)
+    else:
+        num = jnp.einsum("bhtr,bhrd->bhtd", phq, ctx[0])
+        den = jnp.einsum("bhtr,bhr->bht", phq, ctx[1])
+    if excl is not None:
+        slots, qids, kg, vg, kmask_g = excl
+        num_x, den_x = _excluded(phq, w, stab_h, slots, qids, kg, vg, kmask_g, static.causal, static.block)
+        num, den = num - num_x, den - den_x
+    return num, den, sq
+
+
+def _chunk_inputs(static, q, k, v, kv_mask, q_pos, sel, i):
+    """What chunk `i` of query rows reads: its queries `[B, H, C, D]`, its own keys (causal) and
+    its slots' keys (exclusion)."""
+    C = static.chunk
+    diag = _key_rows(k, v, kv_mask, q_pos[0] + i * C, C) if static.causal else None
+    excl = None if sel is None else _slot_keys(static, sel, k, v, kv_mask, i)
+    return _head_major(q, _chunk_start(i, C, q.shape[1]), C), diag, excl
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _favor_attention(static: _FavorStatic, q, k, v, w, stab, kv_mask, q_pos, sel):
+    """FAVOR+ linear attention of `q [B, T, H, D]` (unscaled) over `k, v [B, S, Hk, D]` under the
+    key log scale `stab [B|1, Hk|1, 1, 1]`, less the exclusion on `sel`'s slots (or None): num
+    `[B, H, T, D]` float32, den and the row log scale `[B, H, T]` (no gradient flows through it).
+
+    Over chunks of query rows (bidirectional: after one pass over chunks of keys for the summaries
+    `sum phi(k) v^T`, `sum phi(k)`; causal: the summaries carried from chunk to chunk, queries
+    contiguous from `q_pos[0]`, a multiple of the chunk, as attend passes them). The backward pass keeps the inputs and the `[r, D]` summaries
+    and recomputes every feature chunk by chunk (causal: the summaries too, in the forward
+    order), so nothing of size `T x r` outlives a chunk."""
+    return _favor_attention_fwd(static, q, k, v, w, stab, kv_mask, q_pos, sel)[0]
+
+
+def _favor_attention_fwd(static, q, k, v, w, stab, kv_mask, q_pos, sel):
+    B, T, H, D = q.shape
+    Hk, C = k.shape[2], static.chunk
+    n = -(-T // C)  # the last chunk overlaps the one before where C does not divide T (no block, no exclusion)
+    zeros = (jnp.zeros((B, Hk, w.shape[0], v.shape[-1]), jnp.float32), jnp.zeros((B, Hk, w.shape[0]), jnp.float32))
+    if static.causal:  # the keys before the first chunk (decoding: the whole cache before the block)
+        ctx = _sum_keys(static._replace(key_chunk=C), w, stab, k, v, kv_mask, q_pos[0] // C, zeros)
+    else:
+        ctx = _sum_keys(static, w, stab, k, v, kv_mask, -(-k.shape[1] // static.key_chunk), zeros)
+
+    def body(i, carry):
+        num, den, sq, ctx = carry
+        q_c, diag, excl = _chunk_inputs(static, q, k, v, kv_mask, q_pos, sel, i)
+        num_c, den_c, sq_c = _chunk_out(static, w, stab, q_c, ctx, diag, excl)
+        # rows an earlier chunk covered are written again with the same values (rows are independent)
+        put = lambda x, x_c: jax.lax.dynamic_update_slice_in_dim(x, x_c, _chunk_start(i, C, T), axis=2)  # noqa: E731
+        return put(num, num_c), put(den, den_c), put(sq, sq_c), _absorb(static, w, stab, ctx, diag)
+
+    init = (jnp.zeros((B, H, T, v.shape[-1]), jnp.float32), jnp.zeros((B, H, T), jnp.float32),
+            jnp.zeros((B, H, T), jnp.float32), ctx)
+    num, den, sq, _ = jax.lax.fori_loop(0, n, body, init)
+    return (num, den, sq), (q, k, v, w, stab, kv_mask, q_pos, sel, ctx)
+
+
+def _absorb(static, w, stab, ctx, diag):
+    """Causal: the summaries the next chunk sees, `ctx` plus this chunk's own keys `diag`."""
+    if not static.causal:
+        return ctx
+    s = _key_summary(w, stab, *diag)
+    return ctx[0] + s[0], ctx[1] + s[1]
+
+
+def _favor_attention_bwd(static, res, cts):
+    q, k, v, w, stab, kv_mask, q_pos, sel, ctx = res
+    d_num, d_den = cts[0].astype(jnp.float32), cts[1].astype(jnp.float32)  # the row scale has no gradient
+    T, C = q.shape[1], static.chunk
+    n, b = -(-T // C), static.block
+
+    def chunk_vjp(i, ctx_i, acc):
+        """Chunk i's share of dq, dk, dv (its slots' keys and, causal, its own keys) and of the
+        summaries' gradient."""
+        dq, dk, dv = acc
+        q_c, diag, excl = _chunk_inputs(static, q, k, v, kv_mask, q_pos, sel, i)
+        kg, vg = (None, None) if excl is None else excl[2:4]
+        dkv = (None, None) if diag is None else diag[:2]
+
+        def f(q_c, kg, vg, dkv, ctx_i):
+            e = None if excl is None else excl[:2] + (kg, vg) + excl[4:]
+            d = None if diag is None else dkv + diag[2:]
+            return _chunk_out(static, w, stab, q_c, ctx_i, d, e)[:2]
+
+        start = _chunk_start(i, C, T)
+
+        def take(x):  # the chunk's cotangent rows; zero on rows an earlier chunk covered (counted there)
+            x_c = jax.lax.dynamic_slice_in_dim(x, start, C, axis=2)
+            fresh = (start + jnp.arange(C) >= i * C).reshape((C,) + (1,) * (x_c.ndim - 3))
+            return x_c if T % C == 0 else jnp.where(fresh, x_c, 0.0)
+
+        _, vjp = jax.vjp(f, q_c, kg, vg, dkv, ctx_i)
+        dq_c, dkg, dvg, ddiag, dctx = vjp((take(d_num), take(d_den)))
+        dq = _add_rows(dq, start, dq_c)
+        if excl is not None:
+            where = _slot_index(excl[0][0], b, static.group)
+            dk, dv = dk.at[where].add(dkg.astype(dk.dtype)), dv.at[where].add(dvg.astype(dv.dtype))
+        return (dq, dk, dv), ddiag, dctx
+
+    def summary_vjp(start, k_c, v_c, mask_c, dctx, acc):
+        """The keys `k_c, v_c` from `start` enter the summaries whose gradient is `dctx`."""
+        dk, dv = acc
+        _, vjp = jax.vjp(lambda k_c, v_c: _key_summary(w, stab, k_c, v_c, mask_c), k_c, v_c)
+        dk_c, dv_c = vjp(dctx)
+        return _add_rows(dk, start, dk_c), _add_rows(dv, start, dv_c)
+
+    acc = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+    if static.causal:
+        def body(i, carry):  # the summaries recomputed chunk by chunk as the forward pass made them
+            acc, ctx_i, dpre = carry
+            acc, (dk_d, dv_d), dctx = chunk_vjp(i, ctx_i, acc)
+            start = q_pos[0] + i * C
+            acc = (acc[0], _add_rows(acc[1], start, dk_d), _add_rows(acc[2], start, dv_d))
+            dpre = tuple(jax.lax.dynamic_update_index_in_dim(a, x, i, 0) for a, x in zip(dpre, dctx))
+            return acc, _absorb(static, w, stab, ctx_i, _key_rows(k, v, kv_mask, start, C)), dpre
+
+        dpre = tuple(jnp.zeros((n,) + x.shape, jnp.float32) for x in ctx)  # each chunk's summaries' gradient
+        acc, _, dpre = jax.lax.fori_loop(0, n, body, (acc, ctx, dpre))
+        later = tuple(jnp.cumsum(x[::-1], 0)[::-1] for x in dpre)  # [i]: from chunks i, i + 1, ...
+        # chunk i's keys enter the summaries of the chunks after it; the last chunk's, none
+        dk, dv = jax.lax.fori_loop(0, n - 1, lambda i, kv: summary_vjp(
+            q_pos[0] + i * C, *_key_rows(k, v, kv_mask, q_pos[0] + i * C, C), tuple(x[i + 1] for x in later), kv),
+            acc[1:])
+        acc, dctx = (acc[0], dk, dv), tuple(x[0] for x in later)
+        # the keys before the first chunk (decoding), in chunks of C ending at q_pos[0]
+        n_keys, key_chunk = q_pos[0] // C, (lambda j: (j * C,) + _key_rows(k, v, kv_mask, j * C, C))
+    else:
+        def body(i, carry):
+            acc, dsum = carry
+            acc, _, dctx = chunk_vjp(i, ctx, acc)
+            return acc, tuple(a + d for a, d in zip(dsum, dctx))
+
+        acc, dctx = jax.lax.fori_loop(0, n, body, (acc, tuple(jnp.zeros(x.shape, jnp.float32) for x in ctx)))
+        # every key, in the forward pass's chunks
+        n_keys, key_chunk = -(-k.shape[1] // static.key_chunk), (lambda j: _key_chunk(k, v, kv_mask, j, static.key_chunk))
+    # the keys every chunk summarised (bidirectional: all; causal: those before the first chunk)
+    dk, dv = jax.lax.fori_loop(0, n_keys, lambda j, kv: summary_vjp(*key_chunk(j), dctx, kv), acc[1:])
+    return acc[0].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
+
+
+_favor_attention.defvjp(_favor_attention_fwd, _favor_attention_bwd)
+
+
+def _key_log_scale(static, w, k, kv_mask):
+    """The keys' shared log scale `[B|1, Hk|1, 1, 1]`. Bidirectional: their largest log-feature
+    (one pass over chunks of keys). Causal: the bound `max_r |w_r|^2 / 2` of any log-feature
+    (`w.x - |x|^2/2 <= |w|^2/2`), which depends on no key, so no output depends on a later key even
+    through rounding (a shared maximum over all keys cancels mathematically but not bit for bit)."""
+    if static.causal:
+        return jnp.full((1, 1, 1, 1), 0.5 * jnp.max(jnp.sum(jnp.square(w), -1)), jnp.float32)
+
+    def body(j, m):
+        _, k_c, _, mask_c = _key_chunk(k, k, kv_mask, j, static.key_chunk)
+        logphi = _log_features(_scaled_keys(k_c), w)
+        if mask_c is not None:
+            logphi = jnp.where(mask_c[:, None, :, None], logphi, LOG0)
+        return jnp.maximum(m, jnp.max(logphi, axis=(-2, -1), keepdims=True))
+
+    B, S, Hk, _ = k.shape
+    m = jax.lax.fori_loop(0, -(-S // static.key_chunk), body, jnp.full((B, Hk, 1, 1), LOG0, jnp.float32))
+    return jax.lax.stop_gradient(m)
 
 
 @COMPRESSIONS.register("performer", supports_exclusion=True)
-def performer(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel):
-    """FAVOR+ positive orthogonal random features; causal through prefix sums over blocks."""
-    w, phq, phk, sq, sk = _performer_features(q, k, kv_mask, config, rng, causal)
-    vf = v.astype(jnp.float32)
-    if not causal:
-        num = jnp.einsum("bhtr,bhrd->bhtd", phq, jnp.einsum("bhsr,bhsd->bhrd", phk, vf))
-        den = jnp.einsum("bhtr,bhr->bht", phq, jnp.sum(phk, 2))
-    else:
-        num, den = _causal_linear(phq, phk, vf, q_pos, config.selection.block_size)
-    if sel is not None:
-        num_x, den_x = _subtract_on_support(phq, phk, v, kv_mask, sel, causal)
-        num, den = num - num_x, den - den_x
-    return Branch(num, den, sq + sk), dict(w=w, phk=phk, D=q.shape[-1], k_scale=sk)
+def performer(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel, public: Public | None = None):
+    """FAVOR+ positive orthogonal random features; causal through prefix sums over blocks.
 
-
-def _causal_linear(phq, phk, v, q_pos, c):
-    """Causal linear attention in chunks of `c`: prefix state before the chunk plus the exact
-    lower triangle inside it (no per-token `r x D` state is ever stored)."""
-    B, H, S, r = phk.shape
-    kc, vc = to_blocks(phk, c), to_blocks(v, c)
-    state = jnp.einsum("bhncr,bhncd->bhnrd", kc, vc)
-    zs = jnp.sum(kc, 3)
-    # exclusive prefix sums by shifting, not `cumsum - own`: that cancels a chunk's own (partly
-    # future) keys mathematically but not bit for bit
-    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :, :1]), jnp.cumsum(x, 2)[:, :, :-1]], 2)  # noqa: E731
-    prefix, zprefix = shift(state), shift(zs)
-    qc = to_blocks(phq, c)  # [B, H, nq, c, r]
-    chunk = q_pos[::c] // c  # [nq]
-    num = jnp.einsum("bhncr,bhnrd->bhncd", qc, prefix[:, :, chunk])
-    den = jnp.einsum("bhncr,bhnr->bhnc", qc, zprefix[:, :, chunk])
-    a = jnp.einsum("bhncr,bhnkr->bhnck", qc, kc[:, :, chunk]) * jnp.tril(jnp.ones((c, c)))
-    num = num + jnp.einsum("bhnck,bhnkd->bhncd", a, vc[:, :, chunk])
-    den = den + jnp.sum(a, -1)
-    T = phq.shape[2]
-    return num.reshape(B, H, T, -1), den.reshape(B, H, T)
+    Computed over chunks of rows with its own VJP (`_favor_attention`): its backward pass keeps
+    q, k, v and the `[rank, D]` summaries, not the `T x rank` features. With `public` (what `attend`
+    passes) it reads q, k, v in the caller's layout, so what it keeps is the caller's arrays."""
+    if public is None:
+        public = Public(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), 1.0)
+    T, H, D = public.q.shape[1:]
+    S, Hk = public.k.shape[1:3]
+    b = config.selection.block_size
+    w = orthogonal_features(rng, config.compression.rank, D)
+    unit = b if (causal or sel is not None) else 1
+    chunk = performer_chunk_rows(T, w.shape[0], unit)
+    key_chunk = chunk if causal else performer_chunk_rows(S, w.shape[0])
+    static = _FavorStatic(causal, chunk, key_chunk, b, float(public.scale), H // Hk)
+    stab = _key_log_scale(static, w, public.k, kv_mask)
+    num, den, sq = _favor_attention(static, public.q, public.k, public.v, w, stab, kv_mask, q_pos, sel)
+    sk = (stab if stab.shape[1] == 1 else _to_query_heads(stab, H // Hk))[..., 0]  # [B|1, H|1, 1]
+    return Branch(num, den, sq + sk), dict(w=w, k=public.k, k_scale=sk, group=H // Hk)
 
 
 def _performer_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size):
-    D = state["D"]
-    phq, sq = _favor(q_rows * D**0.25, state["w"], per_row=True)
+    phq, sq = _query_features(q_rows * q_rows.shape[-1] ** 0.25, state["w"])
+    k_c = _to_query_heads(_head_major(state["k"], start, size), state["group"])
+    phk = _key_features(_scaled_keys(k_c), state["w"], state["k_scale"][..., None], None if kv_mask is None else kv_mask[:, None])
     # absolute log weight = log(phq . phk) + row scale + key scale; the key scale is shared
-    k_scale = state["k_scale"]
-    return _lowrank_rows(phq, sq[..., 0] + k_scale, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask,
-                         start=start, size=size)
+    return _lowrank_rows(phq, sq + state["k_scale"], phk, t_rows, excluded, causal=causal, kv_mask=kv_mask, start=start)
 
 
 COMPRESSIONS.add_extra("performer", "row_logw", _performer_rows)
+COMPRESSIONS.add_extra("performer", "public_layout", True)
 
 
 # ---------------------------------------------------------------- nystrom
@@ -458,7 +768,8 @@ def _nystrom_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, si
     f = jnp.einsum("bhrd,bhld->bhrl", q_rows.astype(jnp.float32), state["k_land"])
     a = jax.lax.stop_gradient(jnp.max(f, -1))
     phq = jnp.einsum("bhrl,bhlm->bhrm", jnp.exp(f - a[..., None]), state["pinv"]) * state["scale"][:, :, None, :]
-    return _lowrank_rows(phq, a, state["phk"], t_rows, excluded, causal=causal, kv_mask=kv_mask, start=start, size=size)
+    phk = jax.lax.dynamic_slice_in_dim(state["phk"], start, size, axis=2)
+    return _lowrank_rows(phq, a, phk, t_rows, excluded, causal=causal, kv_mask=kv_mask, start=start)
 
 
 COMPRESSIONS.add_extra("nystrom", "row_logw", _nystrom_rows)

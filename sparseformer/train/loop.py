@@ -31,6 +31,29 @@ from sparseformer.train import step as step_lib
 from sparseformer.train.state import StatePlan, TrainState, plan_train_state
 
 
+# On a GPU, XLA's scatter-adds (the gradients of gathers: embeddings, gathered key blocks) and some
+# reductions use atomics, so two runs of one step differ in the last bits and a resumed run drifts
+# from one that never stopped. The step is compiled with XLA's deterministic ops there (scatters
+# sorted, then summed in order); the fused attention kernel's backward has no atomics of its own.
+DETERMINISTIC_GPU_OPTIONS = {"xla_gpu_deterministic_ops": True}
+
+
+def compile_step(lowered: Any, backend: str | None = None) -> Any:
+    """Compile the lowered train step; on a GPU with `DETERMINISTIC_GPU_OPTIONS`. If that fails (an
+    XLA that no longer knows the option, or an op with no deterministic GPU implementation), the
+    step compiles without it, saying why: the run goes on, no longer bit-reproducible on resume.
+    An error that has nothing to do with the option fails the second compile too, and is raised."""
+    if (backend or jax.default_backend()) != "gpu":
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=DETERMINISTIC_GPU_OPTIONS)
+    except Exception as e:  # noqa: BLE001 (XLA reports both as runtime errors)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"warning: the train step does not compile with deterministic GPU ops ({reason}); a resumed "
+              "run may differ in the last bits from one that never stopped", flush=True)
+        return lowered.compile()
+
+
 @dataclasses.dataclass(frozen=True)
 class Components:
     """What the loop needs from the rest of the package (tests pass their own small ones).
@@ -421,7 +444,7 @@ def train_and_evaluate(
         if start < num_steps:
             batch = rt.shard(next(train_iter))
             with rt.context():
-                compiled = jitted.lower(state, batch, rng, teacher).compile()
+                compiled = compile_step(jitted.lower(state, batch, rng, teacher))
             memory = memory_bytes(compiled)
             if primary:
                 detail = ", ".join(f"{k[:-6]} {_mib(v)}" for k, v in memory.items() if k != "peak_memory_bytes")

@@ -54,3 +54,12 @@ def test_selection_plus_pooled_branch_keep_a_few_input_sized_arrays(name, bound,
     keys: no `aux_rows x S` array) read q, k, v in place. Before this was built: rsa 37.7 input-sized
     arrays at 4K and 24 at 64K (float32 merges, `T x S/b` logits, a float32 copy of k)."""
     assert _arrays(name, train=train, length=2048) < bound
+
+
+@pytest.mark.parametrize("causal,train", [(False, False), (False, True), (True, False)])
+def test_scatterbrain_keeps_summaries_not_random_features(causal, train):
+    """scatterbrain: the exact kernel's output and lse, the Performer branch's float32 numerator (the
+    merge reads it) and `[B, H, T]` statistics; the branch's own VJP keeps q, k, v (read in place) and
+    `[rank, D]` summaries, recomputing its features chunk by chunk. Before: 58.5 input-sized arrays at
+    4K (the float32 `T x rank` features of queries and keys, and the exclusion scan's per-block copies)."""
+    assert _arrays("scatterbrain", causal=causal, train=train, length=2048) < 4.0
