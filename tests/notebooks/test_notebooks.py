@@ -3,9 +3,9 @@
 The kernel is the one of the interpreter running pytest (jupyter_client maps the `python3` spec's
 `python` to `sys.executable`), started in the repository root. Its environment drops the 8 fake
 devices that tests/conftest.py asks for: the notebooks show single-device runs, and 8 devices
-would only slow their compilation. Compiled programs go to the JAX cache the trainer tests share,
-so a second `make test` compiles less. What a notebook writes (its tempfile.mkdtemp() work
-directory) lands in the test's tmp_path.
+would only slow their compilation. Compiled programs go to the JAX cache the other tests share
+(tests/conftest.py's JAX_COMPILATION_CACHE_DIR, inherited), so a second `make test` compiles less.
+What a notebook writes (its tempfile.mkdtemp() work directory) lands in the test's tmp_path.
 """
 
 import os
@@ -28,12 +28,10 @@ def test_the_four_notebooks_exist():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp().parent / "jax_cache"
-    cache.mkdir(exist_ok=True)
+def test_notebook_runs(path, tmp_path):
     env = dict(os.environ)
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                MPLBACKEND="Agg", TQDM_DISABLE="1", TMPDIR=str(tmp_path))  # run dirs land in pytest's tmp
     env.pop("PYTEST_XDIST_WORKER", None)
