@@ -134,6 +134,17 @@ def _branch(kv_mask, q_pos, causal, sel, rng, public_scale=None):
     return f
 
 
+def _check(q, k, v, w_num, w_den, kv_mask, q_pos, *, causal, sel, public_scale=None, ref_kv=lambda x: x):
+    """The chunked branch against the one-shot formulas (keys and values through `ref_kv` for them)."""
+    rng = jax.random.key(4)
+    ref = _values_and_grads(
+        lambda q, k, v: _reference(q, ref_kv(k), ref_kv(v), kv_mask, q_pos, causal=causal, sel=sel, rng=rng),
+        q, k, v, w_num, w_den)
+    got = _values_and_grads(_branch(kv_mask, q_pos, causal, sel, rng, public_scale), q, k, v, w_num, w_den)
+    _assert_equal(got, ref)
+    return got
+
+
 CASES = [  # chunks, causal, padded, exclusion ("rows": slots that serve only some rows of a block)
     (4, False, False, None), (4, True, False, None), (4, False, True, "blocks"), (4, True, True, "blocks"),
     (4, False, False, "rows"), (4, True, True, "rows"), (1, False, True, "blocks"), (1, True, True, "rows"),
@@ -148,11 +159,7 @@ def test_performer_equals_one_shot_autodiff(monkeypatch, chunks, causal, padded,
     q, k, v, w_num, w_den = _inputs()
     kv_mask = jnp.ones((B, T), bool).at[1, 40:].set(False).at[0, 8:12].set(False) if padded else None
     sel = None if exclusion is None else _selection(causal, exclusion == "rows")
-    q_pos, rng = jnp.arange(T), jax.random.key(4)
-    ref = _values_and_grads(lambda q, k, v: _reference(q, k, v, kv_mask, q_pos, causal=causal, sel=sel, rng=rng),
-                            q, k, v, w_num, w_den)
-    got = _values_and_grads(_branch(kv_mask, q_pos, causal, sel, rng), q, k, v, w_num, w_den)
-    _assert_equal(got, ref)
+    _check(q, k, v, w_num, w_den, kv_mask, jnp.arange(T), causal=causal, sel=sel)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -163,12 +170,8 @@ def test_performer_reading_the_public_layout_with_grouped_heads(monkeypatch, cau
     q, k, v, w_num, w_den = _inputs(Hk=1)
     kv_mask = jnp.ones((B, T), bool).at[1].set(False)
     sel = _selection(causal, False)
-    q_pos, rng, scale = jnp.arange(T), jax.random.key(4), 0.7
-    rep = lambda x: jnp.repeat(x, H, axis=1)  # noqa: E731
-    ref = _values_and_grads(
-        lambda q, k, v: _reference(q, rep(k), rep(v), kv_mask, q_pos, causal=causal, sel=sel, rng=rng), q, k, v, w_num, w_den)
-    got = _values_and_grads(_branch(kv_mask, q_pos, causal, sel, rng, public_scale=scale), q, k, v, w_num, w_den)
-    _assert_equal(got, ref)
+    got = _check(q, k, v, w_num, w_den, kv_mask, jnp.arange(T), causal=causal, sel=sel, public_scale=0.7,
+                 ref_kv=lambda x: jnp.repeat(x, H, axis=1))
     assert np.all(np.asarray(got[0][0][1]) == 0.0) and np.all(np.asarray(got[0][1][1]) == 0.0)
 
 
@@ -178,11 +181,7 @@ def test_performer_decoding_one_block_equals_the_full_pass_rows():
     first = 3 * BLOCK
     q, k, v, w_num, w_den = _inputs(Tq=BLOCK)
     sel = _selection(True, True, qids=[3])
-    q_pos, rng = first + jnp.arange(BLOCK), jax.random.key(4)
-    ref = _values_and_grads(lambda q, k, v: _reference(q, k, v, None, q_pos, causal=True, sel=sel, rng=rng),
-                            q, k, v, w_num, w_den)
-    got = _values_and_grads(_branch(None, q_pos, True, sel, rng), q, k, v, w_num, w_den)
-    _assert_equal(got, ref)
+    _check(q, k, v, w_num, w_den, None, first + jnp.arange(BLOCK), causal=True, sel=sel)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -199,8 +198,4 @@ def test_performer_with_chunks_that_do_not_divide_the_length(monkeypatch, padded
     v = jax.random.normal(kv, (B, H, S, D))
     w_num, w_den = jax.random.normal(kw, (B, H, Tq, D)), jax.random.normal(kw, (B, H, Tq))
     kv_mask = jnp.ones((B, S), bool).at[1, 40:].set(False) if padded else None
-    q_pos, rng = jnp.arange(Tq), jax.random.key(4)
-    ref = _values_and_grads(lambda q, k, v: _reference(q, k, v, kv_mask, q_pos, causal=False, sel=None, rng=rng),
-                            q, k, v, w_num, w_den)
-    got = _values_and_grads(_branch(kv_mask, q_pos, False, None, rng, public_scale=0.5), q, k, v, w_num, w_den)
-    _assert_equal(got, ref)
+    _check(q, k, v, w_num, w_den, kv_mask, jnp.arange(Tq), causal=False, sel=None, public_scale=0.5)
