@@ -346,8 +346,9 @@ def _key_features(k, w, stab, mask=None):
 
 
 # The Performer branch runs over chunks of query (and key) rows: `PERFORMER_ROWS_PER_FEATURE x
-# rank` rows each (a multiple of the block, dividing the length), or more to stay within
-# POOL_MAX_CHUNKS chunks. A chunk's transient features are `rows x rank` float32; the causal
+# rank` rows each, or more to stay within POOL_MAX_CHUNKS chunks (where chunks must hold whole
+# blocks, a multiple of the block dividing the length; elsewhere the last chunk overlaps the one
+# before, see `performer_chunk_rows`). A chunk's transient features are `rows x rank` float32; the causal
 # backward holds one `[rank, D]` summary gradient per chunk (transient), `2 / PERFORMER_ROWS_PER_FEATURE`
 # of a bfloat16 `[T, D]` input.
 PERFORMER_ROWS_PER_FEATURE = 4
