@@ -65,6 +65,19 @@ class Public(NamedTuple):
     v: jax.Array
     scale: float
 
+    @classmethod
+    def of(cls, public, q, k, v):
+        """`public`, or (a caller that passed none) the head-major `q [B, H, T, D]` (scaled), `k, v
+        [B, Hk, S, D]` in the public layout."""
+        return public if public is not None else cls(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), 1.0)
+
+
+def _chunk_start(i, size, total):
+    """First row of chunk `i` of `size` rows out of `total`: `i * size`, clamped so that the last
+    chunk ends at `total` (overlapping the one before when `size` does not divide `total`; its rows
+    `>= i * size` are the ones no earlier chunk covered). Shared by the pooled and Performer branches."""
+    return i * size if total % size == 0 else jnp.minimum(i * size, total - size)
+
 
 def _pool_summaries(k, v, kv_mask, p):
     """Mean key and value of each chunk of `p` keys, the count of real keys, and the keys'
@@ -144,7 +157,7 @@ def _pool_chunk(static: _PoolStatic, i, q, q_pos, cnt, sel):
     chunk ends at T), which of its rows are `fresh` (not covered by an earlier chunk), its
     head-major scaled queries `[B, H, rows, D]` and its summary mask."""
     T, c = q.shape[1], static.chunk
-    start = jnp.minimum(i * c, T - c)
+    start = _chunk_start(i, c, T)
     rows = start + jnp.arange(c)
     pos = jax.lax.dynamic_slice_in_dim(q_pos, start, c)
     mask = _pool_chunk_mask(pos, cnt, static.p, causal=static.causal, sel=sel, rows=rows)
@@ -239,8 +252,7 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel, public: P
     backward pass keeps the caller's arrays and not the head-major copies `q`, `k`, `v`."""
     p = pool_block_size(config)
     moments = config.compression.pool_moments
-    if public is None:
-        public = Public(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), 1.0)
+    public = Public.of(public, q, k, v)
     k_mean, v_mean, cnt, var = _pool_summaries(public.k, public.v, kv_mask, p)
     group = public.q.shape[2] // k_mean.shape[1]
     if group > 1:  # the summaries are small: one per query head
@@ -401,12 +413,6 @@ def _key_rows(k, v, kv_mask, start, size):
     """Keys, values `[B, Hk, size, D]` and key mask `[B, size]` (or None) from `start`."""
     mask = None if kv_mask is None else jax.lax.dynamic_slice_in_dim(kv_mask, start, size, axis=1)
     return _head_major(k, start, size), _head_major(v, start, size), mask
-
-
-def _chunk_start(i, size, total):
-    """First row of chunk `i` of `size` rows out of `total`: `i * size`, clamped so that the last
-    chunk ends at `total` (overlapping the one before when `size` does not divide `total`)."""
-    return i * size if total % size == 0 else jnp.minimum(i * size, total - size)
 
 
 def _key_chunk(k, v, kv_mask, j, size):
@@ -683,8 +689,7 @@ def performer(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel, publ
     Computed over chunks of rows with its own VJP (`_favor_attention`): its backward pass keeps
     q, k, v and the `[rank, D]` summaries, not the `T x rank` features. With `public` (what `attend`
     passes) it reads q, k, v in the caller's layout, so what it keeps is the caller's arrays."""
-    if public is None:
-        public = Public(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), 1.0)
+    public = Public.of(public, q, k, v)
     T, H, D = public.q.shape[1:]
     S, Hk = public.k.shape[1:3]
     b = config.selection.block_size
