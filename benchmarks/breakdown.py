@@ -106,7 +106,8 @@ def components(preset: str, T: int, *, H: int, D: int, dtype, causal: bool):
     return fwd, bwd, args, kernel
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (`tests/bench/test_gpu_scripts.py` parses gpu.sh's calls with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--preset", default="rsa")
@@ -116,7 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--repeats", type=int, default=10)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for T in [int(x) for x in a.lengths.split(",")]:

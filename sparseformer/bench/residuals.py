@@ -125,7 +125,8 @@ def markdown(rows: list[dict[str, Any]], top: int = 8) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (`tests/bench/test_gpu_scripts.py` parses gpu.sh's calls with it)."""
     p = argparse.ArgumentParser(prog="python -m sparseformer.bench.residuals", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="dense_pallas,rsa", help="comma-separated: dense_pallas and any bench preset name")
     p.add_argument("--lengths", default="4096,16384,65536")
@@ -136,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--train", action="store_true", help="add the regulariser's aux_loss to the loss, as training does")
     p.add_argument("--out", default=None, help="directory for residuals.json and residuals.md (default: print only)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         shape = methods.Shape(args.batch, length, args.heads, args.head_dim, causal=args.causal, dtype=args.dtype)

@@ -9,10 +9,13 @@ flash attention) fail, which the scripts must record and go on from.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -45,3 +48,76 @@ def test_breakdown_writes_every_component(tmp_path):
     assert row["length"] == 512 and row["kernel"] in ("scan", "masked", "pallas")
     assert set(row["fwd_ms"]) == {"full", "dense", "exact", "choice", "compressed", "rest"}
     assert set(row["fwd_bwd_ms"]) == {"full", "dense", "exact", "compressed", "rest"}
+
+
+# ---------------------------------------------------------------- gpu.sh itself
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gpu_sh_calls(tmp_path: Path, *, check_fails: bool) -> list[list[str]]:
+    """Every Python command `gpu.sh` runs, recorded by a stand-in for the interpreter (which reports
+    a GPU, and a failed kernel check when asked) instead of run."""
+    record = tmp_path / "calls.jsonl"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "with open(os.environ['GPU_SH_RECORD'], 'a') as f:\n"
+        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "sys.exit(1 if os.environ.get('GPU_SH_FAIL_CHECK') and sys.argv[1:2] == ['benchmarks/gpu_check.py'] else 0)\n"
+    )
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "GPU_SH_RECORD": str(record), "TMPDIR": str(tmp_path),
+           **({"GPU_SH_FAIL_CHECK": "1"} if check_fails else {})}
+    out = tmp_path / "out"
+    # as the device tool runs it: two calls on the same machine
+    for stages in (["check", "bidir"], ["causal", "memory", "breakdown"]):
+        done = subprocess.run(["bash", "benchmarks/gpu.sh", str(out), *stages], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert (out / "results.tar.gz").exists() and (out / "summary.txt").exists()
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("check_fails", [False, True], ids=["kernel-ok", "kernel-check-fails"])
+def test_gpu_sh_runs_every_stage_with_flags_its_tools_accept(tmp_path, check_fails):
+    """Each command gpu.sh would run on the GPU parses with its tool's own parser and names known
+    presets, so a typo in the script cannot cost the one lent turn; after a failed kernel check the
+    bench stages time the sparse presets on the scan kernel."""
+    from sparseformer.bench import cli, methods, residuals, runner
+
+    calls = _gpu_sh_calls(tmp_path, check_fails=check_fails)
+    benches, residual_calls, breakdowns, checks = [], [], [], []
+    for argv in calls:
+        if argv[:3] == ["-m", "sparseformer", "bench"]:
+            options = cli.options_from_args(cli._parser().parse_args(argv[3:]))
+            runner.validate_options(options, methods.known_names())  # raises on a bad flag or preset
+            benches.append(options)
+        elif argv[:2] == ["-m", "sparseformer.bench.residuals"]:
+            args = residuals.parser().parse_args(argv[2:])
+            for name in args.presets.split(","):
+                assert name == "dense_pallas" or methods.preset_config(name), name
+            residual_calls.append(args)
+        elif argv[:1] == ["benchmarks/breakdown.py"]:
+            args = breakdown.parser().parse_args(argv[1:])
+            methods.preset_config(args.preset)
+            breakdowns.append(args)
+        elif argv[:1] == ["benchmarks/gpu_check.py"]:
+            checks.append(argv)
+        else:  # the GPU probe and the version line
+            assert argv[0] in ("-c", "-m") and "jax" in argv[1] or argv[:2] == ["-m", "pip"], argv
+    assert len(checks) == 1 and len(residual_calls) == 1 and len(breakdowns) == 2
+    assert [o.causal for o in benches] == [False, True, False]  # bidir, causal, memory
+    assert all(o.dtype == "bfloat16" and o.heads == 8 and o.head_dim == 64 and o.dense_impl == "cudnn"
+               for o in benches)
+    bidir, causal, memory = benches
+    assert list(bidir.lengths) == [4096, 8192, 16384, 32768, 65536] and memory.rss == "all"
+    sparse = [p for o in benches for p in o.presets if not p.startswith("dense")]
+    if check_fails:
+        assert sparse and all(p.endswith("/scan") for p in sparse), sparse
+        assert "rsa/exact" not in bidir.presets
+    else:
+        assert "rsa" in bidir.presets and "rsa/exact" in causal.presets and not any("/scan" in p for p in sparse)
+    for o in benches:
+        assert "dense" in o.presets and ("dense_pallas" in o.presets or o is memory)
