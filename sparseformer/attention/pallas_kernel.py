@@ -15,9 +15,11 @@ kernel's rate. This kernel walks the same `Selection` the way flash attention wa
   mask of splash attention), so every gradient is written by exactly one program, in a fixed
   order: no atomics, and the backward pass is deterministic (a killed and resumed run reproduces
   its losses on a GPU too). A key block chosen by many query blocks (a global block is chosen by
-  all of them) has its list cut into pieces of `LIST_PIECE` entries, each piece a program of its
-  own whose partial sums a small second kernel adds in a fixed order, so one long list does not
-  keep the GPU waiting on a single program.
+  all of them) has its list cut into pieces of `LIST_PIECE` entries, each further piece a program
+  of its own writing float32 partial sums, so one long list does not keep the GPU waiting on a
+  single program; a small second kernel walks the long block's first piece and adds the partial
+  sums in a fixed order. Every gradient is written once, in its final dtype: no float32 copy of
+  dk and dv is ever whole in memory.
 
 Grouped-query attention: the query heads of a key/value head share one choice (`Selection.group`),
 so one program stacks `heads_per_tile` of them into its query tile (`rows = heads_per_tile * b`)
@@ -184,9 +186,10 @@ def forward_lists(plan: Plan, idx, valid, row_start, qids):
 def inverted_lists(plan: Plan, idx, valid, row_start):
     """For each key block, the query blocks that chose it, cut into pieces of `LIST_PIECE`.
 
-    Returns `pieces [B, Hk, P, 4]` int32 rows `(key block, first entry, end entry, 0)` for the
-    `P = m + ceil(n*K / LIST_PIECE)` programs (a key block's first piece is program `j`; the
-    pieces after the first follow, in key-block order; unused programs have an empty range), and
+    Returns `pieces [B, Hk, P, 4]` int32 rows `(key block, first entry, end entry, later)` for the
+    `P = m + ceil(n*K / LIST_PIECE)` programs (a key block's first piece is program `j`, `later` 1
+    when further pieces follow it; the pieces after the first follow, in key-block order, `later` 0;
+    unused programs have an empty range), and
     `entries [B, Hk, E]` int32: the sorted query blocks (then their row starts), `E` a power of two.
     """
     B, Hk, n, K = idx.shape
@@ -214,7 +217,8 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     e_start, e_end = jnp.where(in_use, e_start, 0), jnp.where(in_use, e_end, 0)
     blocks = jnp.concatenate([jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (B, Hk, m)), owner_c], -1)
     pieces = jnp.stack(
-        [blocks, jnp.concatenate([start, e_start], -1), jnp.concatenate([first_end, e_end], -1), jnp.zeros_like(blocks)],
+        [blocks, jnp.concatenate([start, e_start], -1), jnp.concatenate([first_end, e_end], -1),
+         jnp.concatenate([extra > 0, jnp.zeros_like(owner_c, bool)], -1)],
         -1,
     ).astype(jnp.int32)
     qsorted = (sorted_key % n).astype(jnp.int32)
@@ -340,11 +344,14 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
     dq_ref[...] = (dq * plan.scale if plan.scale != 1.0 else dq).astype(dq_ref.dtype)  # d/dq of (scale * q)
 
 
-def _dkv_kernel(pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref, *refs, plan: Plan):
-    kmask_ref = refs[0] if plan.has_mask else None
-    do_ref, lse_ref, dd_ref, dk_ref, dv_ref, dk_extra_ref, dv_extra_ref = refs[-7:]
+def _walk_key_block(plan: Plan, first, end, refs):
+    """dk, dv (float32 `[b, D]`) of one key block from the query blocks `entries[first:end]` of its
+    inverted list. `refs`: (pieces, entries, qids, q, k, v[, kmask], d_out, lse, delta, ...)."""
+    pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref = refs[:6]
+    kmask_ref = refs[6] if plan.has_mask else None
+    do_ref, lse_ref, dd_ref = refs[6 + plan.has_mask:9 + plan.has_mask]
     b, rows, R = plan.block, plan.rows, plan.tiles_per_group
-    blk, first, end = pieces_ref[0], pieces_ref[1], pieces_ref[2]
+    blk = pieces_ref[0]
     keys = pl.ds(blk * b, b)
     k, v = k_ref[keys, :], v_ref[keys, :]
     kmask = kmask_ref[keys] if plan.has_mask else None
@@ -368,15 +375,25 @@ def _dkv_kernel(pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref, *refs, pl
             dk = dk + _t_dot(ds.astype(q.dtype), q)
         return dk, dv
 
-    D = k.shape[-1]
-    zeros = jnp.zeros((b, D), jnp.float32)
-    dk, dv = lax.fori_loop(first, end, body, (zeros, zeros))
+    zeros = jnp.zeros((b, k.shape[-1]), jnp.float32)
+    return lax.fori_loop(first, end, body, (zeros, zeros))
+
+
+def _dkv_kernel(*refs, plan: Plan):
+    """One piece of a key block's inverted list. A block whose list is one piece (program `j < m`)
+    writes its dk, dv in their final dtype; a further piece writes its float32 partial sums. A long
+    block's first piece is left to `_finish_kernel`, which adds the partial sums to it: so the
+    gradients are never held whole in float32 (4 bfloat16-sized arrays fewer at the backward's peak)."""
+    dk_ref, dv_ref, dk_extra_ref, dv_extra_ref = refs[-4:]
+    pieces_ref = refs[0]
+    first, end, later = pieces_ref[1], pieces_ref[2], pieces_ref[3]
+    dk, dv = _walk_key_block(plan, first, jnp.where(later != 0, first, end), refs)
     program = pl.program_id(0)
 
-    @pl.when(program < plan.num_key_blocks)  # a key block's first piece: straight into dk, dv
+    @pl.when((program < plan.num_key_blocks) & (later == 0))  # the whole list: straight into dk, dv
     def _():
-        dk_ref[...] = dk
-        dv_ref[...] = dv
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
 
     @pl.when(program >= plan.num_key_blocks)  # a further piece: a partial sum, added later
     def _():
@@ -384,10 +401,21 @@ def _dkv_kernel(pieces_ref, entries_ref, qid_ref, q_ref, k_ref, v_ref, *refs, pl
         dv_extra_ref[...] = dv
 
 
-def _reduce_kernel(ranges_ref, extra_ref, first_ref, out_ref, *, plan: Plan):
-    """A key block's gradient: its first piece plus its further pieces, added in program order."""
-    lo, hi = ranges_ref[0], ranges_ref[1]
-    out_ref[...] = lax.fori_loop(lo, hi, lambda p, acc: acc + extra_ref[p], first_ref[...])
+def _finish_kernel(*refs, plan: Plan):
+    """A long key block's gradient: its first piece, then its further pieces' partial sums added in
+    program order, written once in the final dtype (other blocks keep what `_dkv_kernel` wrote)."""
+    ranges_ref, *refs = refs
+    dk_x_ref, dv_x_ref, _dk_in, _dv_in, dk_ref, dv_ref = refs[-6:]
+    pieces_ref = refs[0]
+
+    @pl.when(pieces_ref[3] != 0)
+    def _():
+        dk, dv = _walk_key_block(plan, pieces_ref[1], pieces_ref[2], refs)
+        lo, hi = ranges_ref[0], ranges_ref[1]
+        dk = lax.fori_loop(lo, hi, lambda p, acc: acc + dk_x_ref[p], dk)
+        dv = lax.fori_loop(lo, hi, lambda p, acc: acc + dv_x_ref[p], dv)
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # ---------------------------------------------------------------- calls
@@ -472,7 +500,7 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     dq = _call(
         _dq_kernel, plan, (n, B, Hk * R),
         _walk_specs(plan, S, D, meta.shape[-1]) + [_q_spec(plan, D), _row_spec(plan), _row_spec(plan)],
-        _q_in_spec(plan, D), jax.ShapeDtypeStruct(qg.shape, qg.dtype if plan.bthd else jnp.float32),
+        _q_in_spec(plan, D), jax.ShapeDtypeStruct(qg.shape, qg.dtype),  # float32 sums, stored rounded once
         (meta, qg, k, v) + mask_args + (d_out, lse, dd), "sparseformer_block_sparse_dq", D,
     )
 
@@ -502,28 +530,25 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     in_specs += [whole_tiles, whole_rows, whole_rows]
     first_out = key_block(lambda p: jnp.minimum(p, m - 1))
     extra_out = pl.BlockSpec((None, None, None, b, D), lambda p, bb, hk: (bb, hk, jnp.maximum(p - m, 0), 0, 0))
-    first_shape = jax.ShapeDtypeStruct(grad_shape, jnp.float32)
+    grad = jax.ShapeDtypeStruct(grad_shape, k.dtype)  # written once, in the final dtype
     extra_shape = jax.ShapeDtypeStruct((B, Hk, P - m, b, D), jnp.float32)
+    walk_args = (pieces, entries, qids_p, qg, k, v) + mask_args + (d_out, lse, dd)
     dk, dv, dk_x, dv_x = _call(
         _dkv_kernel, plan, (P, B, Hk), in_specs, (first_out, first_out, extra_out, extra_out),
-        (first_shape, first_shape, extra_shape, extra_shape),
-        (pieces, entries, qids_p, qg, k, v) + mask_args + (d_out, lse, dd), "sparseformer_block_sparse_dkv", D,
+        (grad, grad, extra_shape, extra_shape), walk_args, "sparseformer_block_sparse_dkv", D,
     )
-    ranges = piece_owners(plan, pieces)
-    red_specs = [
-        pl.BlockSpec((None, None, None, 2), lambda j, bb, hk: (bb, hk, j, 0)),
-        pl.BlockSpec((None, None, P - m, b, D), lambda j, bb, hk: (bb, hk, 0, 0, 0)),
-        key_block(lambda j: j),
-    ]
-    red_out = key_block(lambda j: j)
-
-    def reduce(first, extra):  # adds the further pieces in place (the first pieces' buffer is the output)
-        return _call(
-            _reduce_kernel, plan, (m, B, Hk), red_specs, red_out, first_shape, (ranges, extra, first),
-            "sparseformer_block_sparse_dkv_sum", D, aliases={2: 0},
-        )
-
-    return dq, reduce(dk, dk_x), reduce(dv, dv_x)
+    # the long blocks: first piece + partial sums, into dk and dv in place (the others pass through)
+    whole_extra = pl.BlockSpec((None, None, P - m, b, D), lambda j, bb, hk: (bb, hk, 0, 0, 0))
+    finish_specs = [pl.BlockSpec((None, None, None, 2), lambda j, bb, hk: (bb, hk, j, 0))] + in_specs
+    finish_specs += [whole_extra, whole_extra, key_block(lambda j: j), key_block(lambda j: j)]
+    finish_args = (piece_owners(plan, pieces),) + walk_args + (dk_x, dv_x, dk, dv)
+    n_args = len(finish_args)
+    dk, dv = _call(
+        _finish_kernel, plan, (m, B, Hk), finish_specs, (key_block(lambda j: j), key_block(lambda j: j)),
+        (grad, grad), finish_args, "sparseformer_block_sparse_dkv_finish", D,
+        aliases={n_args - 2: 0, n_args - 1: 1},
+    )
+    return dq, dk, dv
 
 
 def _to_tiles(plan: Plan, x):

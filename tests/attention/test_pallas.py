@@ -3,6 +3,7 @@ for the GPU (shape and tiling errors show here, before a GPU is lent). The TPU v
 (`pallas_tpu`) the same, in TPU interpret mode and lowered for `tpu`."""
 
 import contextlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -178,8 +179,17 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads):
 
     with pallas_kernel.compile_for_gpu():
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
-    # forward, dq, dk/dv and the two in-order sums of the dk/dv pieces
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 5
+    text = lowered.as_text()
+    # forward, dq, dk/dv, and the long key blocks' first pieces plus their in-order partial sums
+    assert text.count("__gpu$xla.gpu.triton") == 4
+    # the gradients are written once, in bfloat16 (dk and dv finished in place): never whole in float32
+    calls = {re.search(r'name = "(sparseformer_[a-z_]+)"', line).group(1): line
+             for line in text.splitlines() if "__gpu$xla.gpu.triton" in line}
+    results = re.findall(r"tensor<([0-9x]+)x([a-z]+[0-9]+)>", calls["sparseformer_block_sparse_dkv"].split("->")[-1])
+    grads = [dtype for dims, dtype in results if dims.count("x") == 3]  # the rank-4 results: dk, dv
+    assert grads == ["bf16", "bf16"], results
+    assert "output_operand_aliases" in calls["sparseformer_block_sparse_dkv_finish"]
+    assert "f32" not in calls["sparseformer_block_sparse_dq"].split("->")[-1]  # dq too, either layout
 
 
 @pytest.mark.parametrize("block,head_dim,causal,padding,heads", [
