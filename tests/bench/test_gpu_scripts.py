@@ -121,3 +121,30 @@ def test_gpu_sh_runs_every_stage_with_flags_its_tools_accept(tmp_path, check_fai
         assert "rsa" in bidir.presets and "rsa/exact" in causal.presets and not any("/scan" in p for p in sparse)
     for o in benches:
         assert "dense" in o.presets and ("dense_pallas" in o.presets or o is memory)
+
+
+# ---------------------------------------------------------------- triton_sm90.py (its triton-free half)
+
+
+def test_triton_sm90_takes_each_kernels_triton_ir_and_launch_options():
+    """The script's lowering half (its compile half needs the `triton` package, not a test
+    dependency): every Pallas call of a forward+backward, with the IR and options the GPU gets."""
+    import triton_sm90
+
+    programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512, causal=True, padding=True))
+    names = [p["kernel"] for p in programs]
+    assert sorted(names) == sorted(f"sparseformer_block_sparse_{k}" for k in ("fwd", "dq", "dkv", "dkv_finish"))
+    for p in programs:
+        assert p["ttir"].startswith(f"module @{p['kernel']}") and "tt.func" in p["ttir"], p["ttir"][:200]
+        assert p["num_warps"] == 4 and p["num_stages"] == 2  # blocks of 64, head dim 64: Plan.params
+
+
+def test_triton_sm90_occupancy_follows_the_sm90_limits():
+    import triton_sm90
+
+    # 123 registers round up to 128: 128 x 32 threads x 4 warps = 16K of the SM's 64K registers
+    assert triton_sm90.programs_per_sm(123, 41 * 1024, 4) == {"programs_per_sm": 4, "limited_by": "registers",
+                                                               "warps_per_sm": 16}
+    # 193 KiB of shared memory (+1 KiB reserved): one program per SM
+    assert triton_sm90.programs_per_sm(64, 193 * 1024, 4)["limited_by"] == "shared"
+    assert triton_sm90.programs_per_sm(24, 1024, 16) == {"programs_per_sm": 4, "limited_by": "warps", "warps_per_sm": 64}
