@@ -8,7 +8,8 @@ turn. This script compiles the same programs on the CPU: it lowers `attend`'s fo
 dq, dk/dv and the long blocks' finish) with the `num_warps`/`num_stages` the kernel asks for, and
 compiles it for sm_90 with the `triton` package (its own LLVM and ptxas; no driver needed). For each
 program it records the shared memory, the registers per thread and any spills (`cuobjdump` on the
-cubin), and the programs one SM can hold at once (the occupancy those allow; H100/H200: 64K
+cubin), whether the walk's loads are pipelined (asynchronous copies into shared memory) and its
+matmuls use Hopper's wgmma instructions, and the programs one SM can hold at once (the occupancy those allow; H100/H200: 64K
 registers, 228 KiB shared memory of which 227 KiB for one program, 64 warps, 32 programs per SM).
 
 What it cannot say: the speed (only a GPU measures that), and whether XLA's own Triton build (the one
@@ -140,20 +141,27 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict[str, Any]:
     static_shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))  # bytes per thread: spills, if any
     shared = int(kernel.metadata.shared) + static_shared
+    # how the walk runs: its block loads software-pipelined (asynchronous copies into shared memory,
+    # `num_stages` deep) and its matmuls on Hopper's warpgroup tensor-core instructions
+    pipelined = kernel.asm["ttgir"].count("async_copy_global_to_local")
+    wgmma = kernel.asm["ptx"].count("wgmma.mma_async")
     return {"registers": regs, "shared_bytes": shared, "local_bytes": local, "triton": triton.__version__,
+            "async_copies": pipelined, "wgmma": wgmma,
             "fits": shared <= SM90["shared_per_program"], **programs_per_sm(regs, shared, num_warps)}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| case | kernel | warps / stages | registers | spills (local B) | shared KiB | programs / SM (limit) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| case | kernel | warps / stages | registers | spills (local B) | shared KiB | programs / SM (limit) "
+             "| async copies / wgmma |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         kernel = r["kernel"].removeprefix("sparseformer_block_sparse_")
         if "error" in r:
-            lines.append(f"| {r['case']} | {kernel} | {r['num_warps']} / {r['num_stages']} | failed: {r['error'][:120]} | | | |")
+            lines.append(f"| {r['case']} | {kernel} | {r['num_warps']} / {r['num_stages']} | failed: {r['error'][:120]} | | | | |")
             continue
         lines.append(f"| {r['case']} | {kernel} | {r['num_warps']} / {r['num_stages']} | {r['registers']} | "
-                     f"{r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['programs_per_sm']} ({r['limited_by']}) |")
+                     f"{r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['programs_per_sm']} ({r['limited_by']}) | "
+                     f"{r['async_copies']} / {r['wgmma']} |")
     return "\n".join(lines) + "\n"
 
 
