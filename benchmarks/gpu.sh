@@ -13,19 +13,22 @@
 #              method keeps for its backward pass (python -m sparseformer.bench.residuals, traced)
 #   5. breakdown  benchmarks/breakdown.py: where rsa's time goes (choice, exact kernel, compressed
 #              branch, the rest) at 4K/16K/64K, bidirectional, and causal at 16K
+#   6. tune    benchmarks/gpu_check.py --tune: the fused kernel compiled with each (num_warps,
+#              num_stages) at 16K, bidirectional and causal (skipped if the check failed)
 #
-#   benchmarks/gpu.sh OUT_DIR [STAGE ...]        (default: all five stages)
+#   benchmarks/gpu.sh OUT_DIR [STAGE ...]        (default: all six stages)
 #
 # Each stage writes OUT_DIR/STAGE/; everything is packed into OUT_DIR/results.tar.gz as it goes
 # (the device tool returns a few files only), with OUT_DIR/summary.txt beside it. Python: $PYTHON,
 # else python3 (on the lent GPU machine: its own JAX 0.11 with CUDA); the repository goes on
 # PYTHONPATH; pure-Python packages it lacks (ml_collections) are installed from .whl/ when present
 # (fetch them here with benchmarks/gpu_wheels.sh). About 10 minutes on an H200 (compiles included; an
-# estimate: it has not run yet), so with a 10-minute limit per call run `check bidir`, then the rest.
+# estimate: it has not run yet), so with a 10-minute limit per call run `check bidir`, then the rest
+# (`causal memory breakdown tune`; each stage is packed as it ends, so a call cut short keeps them).
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR [check bidir causal memory breakdown]}
+OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR [check bidir causal memory breakdown tune]}
 shift
-STAGES=${*:-check bidir causal memory breakdown}
+STAGES=${*:-check bidir causal memory breakdown tune}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -100,7 +103,16 @@ for stage in $STAGES; do
         "$PY" benchmarks/breakdown.py "$OUT/breakdown/causal" --lengths=16384 --causal; } 2>&1 |
         tee "$OUT/breakdown/breakdown.log" | grep "^T=" | tee -a "$OUT/summary.txt"
       pack ;;
-    *) echo "gpu.sh: unknown stage $stage (check, bidir, causal, memory, breakdown)" >&2; exit 2 ;;
+    tune)
+      mkdir -p "$OUT/tune"
+      if [[ $KERNEL_OK == 1 ]]; then
+        "$PY" benchmarks/gpu_check.py "$OUT/tune" --tune 2>&1 | tee "$OUT/tune/tune.log" | grep "^T=" |
+          tee -a "$OUT/summary.txt"
+      else
+        echo "== tune skipped: the kernel check failed" | tee -a "$OUT/summary.txt"
+      fi
+      pack ;;
+    *) echo "gpu.sh: unknown stage $stage (check, bidir, causal, memory, breakdown, tune)" >&2; exit 2 ;;
   esac
   echo "   ($stage took ${SECONDS}s)" | tee -a "$OUT/summary.txt"
 done

@@ -1,6 +1,7 @@
 """The fused kernel on a GPU: correct against the `scan` kernel, deterministic, and its own speed.
 
-    python benchmarks/gpu_check.py OUT_DIR      (part of benchmarks/gpu.sh; needs a CUDA GPU)
+    python benchmarks/gpu_check.py OUT_DIR          (part of benchmarks/gpu.sh; needs a CUDA GPU)
+    python benchmarks/gpu_check.py OUT_DIR --tune   (4. alone: gpu.sh's last stage)
 
 1. Correctness: the compiled Pallas kernel against the `scan` kernel on the same `Selection`
    (random, with unused slots, repeated global blocks and row starts), outputs, log-sum-exps and
@@ -13,7 +14,12 @@
    each computes (median of 20 calls after warm-up). JAX's dense flash attention in Triton beside
    its Mosaic GPU one (forward) is the measured hint for which backend a sparse kernel should use.
 
-Writes OUT_DIR/check.json and prints a short table. Exit status 1 if a correctness check fails.
+4. With `--tune`: the launch sweep, the kernel as `attend` calls it compiled with each (num_warps,
+   num_stages) of `LAUNCHES` at 16K, bidirectional and causal (`pallas_kernel.launch_options`);
+   `benchmarks/triton_sm90.py` gives the same programs' registers and shared memory without a GPU.
+
+Writes OUT_DIR/check.json (or tune.json) and prints a short table. Exit status 1 if a correctness
+check fails.
 """
 
 from __future__ import annotations
@@ -96,10 +102,9 @@ def _median_ms(fn, *args, repeats=20, warmup=3):
     return statistics.median(times) * 1e3
 
 
-def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeats=20, warmup=3):
-    """The fused kernel alone with rsa's budget (8 slots a query block) against the dense kernels
-    (median of `repeats` calls after `warmup` + 1). A timing that fails (a baseline this JAX or
-    device lacks) is recorded as `NAME_error`, and the others still run."""
+def rsa_like_selection(T, *, b=64, H=8, causal=False) -> tuple[Selection, int]:
+    """rsa's budget, 8 slots a query block: window 1, global 1, four distinct far blocks (duplicates
+    invalid); and the pairs it computes per batch row, all heads."""
     rng = np.random.default_rng(1)
     n = T // b
     idx = np.empty((1, H, n, 8), np.int64)
@@ -114,7 +119,14 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeat
         valid[..., j] = ~np.any(idx[..., :j] == idx[..., j : j + 1], -1)
     sel = Selection(idx=jnp.asarray(idx, jnp.int32), valid=jnp.asarray(valid), qids=jnp.arange(n),
                     block_size=b, num_key_blocks=n)
-    pairs = int(valid.sum()) * b * b  # per batch row, all heads
+    return sel, int(valid.sum()) * b * b
+
+
+def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeats=20, warmup=3):
+    """The fused kernel alone with rsa's budget (8 slots a query block) against the dense kernels
+    (median of `repeats` calls after `warmup` + 1). A timing that fails (a baseline this JAX or
+    device lacks) is recorded as `NAME_error`, and the others still run."""
+    sel, pairs = rsa_like_selection(T, b=b, H=H, causal=causal)
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (1, H, T, D), dtype) * D**-0.5
     k = jax.random.normal(keys[1], (1, H, T, D), dtype)
@@ -174,6 +186,62 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeat
     return row
 
 
+# (num_warps, num_stages) tried by the launch sweep; the default at blocks of 64 and head dim 64 is (4, 2)
+LAUNCHES = ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3))
+
+
+def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launches=LAUNCHES, repeats=20, warmup=3):
+    """The fused kernel as `attend` calls it (reading `[B, T, H, D]` in place, rsa's budget) compiled
+    with each (num_warps, num_stages): forward and forward+backward medians, and which is fastest.
+    A launch that fails to compile or run is recorded and the others still run."""
+    sel, pairs = rsa_like_selection(T, b=b, H=H, causal=causal)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (1, T, H, D), dtype) for key in keys[:3])
+    w = jax.random.normal(keys[3], (1, H, T, D), jnp.float32)
+    default = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False).params(D)
+    row = {"T": T, "causal": causal, "block": b, "head_dim": D, "pairs": pairs,
+           "default": f"{default.num_warps}x{default.num_stages}", "launches": {}}
+    for warps, stages in launches:
+        name = f"{warps}x{stages}"
+        with pallas_kernel.launch_options(warps, stages):  # read while tracing: the first call is inside
+            def fwd(q, k, v):  # noqa: ANN001, ANN202
+                return pallas_kernel.fused_block_attention(causal, q, k, v, sel, layout="BTHD", scale=D**-0.5)[0]
+
+            grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v) * w), argnums=(0, 1, 2))
+            try:
+                row["launches"][name] = {
+                    "fwd_ms": _median_ms(jax.jit(fwd), q, k, v, repeats=repeats, warmup=warmup),
+                    "fwd_bwd_ms": _median_ms(jax.jit(grad), q, k, v, repeats=repeats, warmup=warmup),
+                }
+            except Exception as e:  # noqa: BLE001
+                row["launches"][name] = {"error": f"{type(e).__name__}: {e}"}
+    timed = {n: r for n, r in row["launches"].items() if "error" not in r}
+    for p in ("fwd_ms", "fwd_bwd_ms"):
+        if timed:
+            best = min(timed, key=lambda n: timed[n][p])
+            row[f"best_{p}"] = best
+            if row["default"] in timed:
+                row[f"best_vs_default_{p}"] = timed[row["default"]][p] / timed[best][p]
+    return row
+
+
+def tune(out_dir: str) -> int:
+    """The launch sweep at 16K, bidirectional and causal: writes OUT_DIR/tune.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "rows": []}
+    for T, causal in ((16384, False), (16384, True)):
+        row = launch_sweep(T, causal=causal)
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(out_dir, "tune.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    for row in report["rows"]:
+        print(f"T={row['T']} {'causal' if row['causal'] else 'bidir'}: default {row['default']}; fastest fwd "
+              f"{row.get('best_fwd_ms')} ({row.get('best_vs_default_fwd_ms', float('nan')):.2f}x the default), "
+              f"fwd+bwd {row.get('best_fwd_bwd_ms')} ({row.get('best_vs_default_fwd_bwd_ms', float('nan')):.2f}x)")
+    return 0
+
+
 def main(out_dir: str) -> int:
     os.makedirs(out_dir, exist_ok=True)
     report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "checks": [], "speed": []}
@@ -221,4 +289,8 @@ def main(out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "gpu_check"))
+    args = sys.argv[1:]
+    if "--tune" in args:
+        args.remove("--tune")
+        sys.exit(tune(args[0] if args else "gpu_tune"))
+    sys.exit(main(args[0] if args else "gpu_check"))

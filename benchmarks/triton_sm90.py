@@ -11,6 +11,8 @@ program it records the shared memory, the registers per thread and any spills (`
 cubin), whether the walk's loads are pipelined (asynchronous copies into shared memory) and its
 matmuls use Hopper's wgmma instructions, and the programs one SM can hold at once (the occupancy those allow; H100/H200: 64K
 registers, 228 KiB shared memory of which 227 KiB for one program, 64 warps, 32 programs per SM).
+The benchmark's shape is compiled once more with each launch (num_warps, num_stages) that the GPU
+stage's sweep times (`gpu_check.LAUNCHES`), so its timings can be read beside these costs.
 
 What it cannot say: the speed (only a GPU measures that), and whether XLA's own Triton build (the one
 the GPU machine's jaxlib bundles) compiles the IR the same way; this is the `triton` package's build
@@ -22,6 +24,7 @@ fails to compile or does not fit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -179,10 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         print("triton_sm90.py: needs the `triton` package (pip install triton; about 1 GB, no GPU needed)",
               file=sys.stderr)
         return 2
+    from gpu_check import LAUNCHES  # the launches the GPU stage's sweep times
+
+    runs = [(case, None) for case in CASES] + [(CASES[0], launch) for launch in LAUNCHES]
     rows = []
-    for case in CASES:
-        for program in triton_programs(case):
-            row = {"case": case.label, **dataclasses.asdict(case),
+    for case, launch in runs:
+        with contextlib.nullcontext() if launch is None else pallas_kernel.launch_options(*launch):
+            programs = triton_programs(case)
+        label = case.label if launch is None else f"{case.label}, launch {launch[0]}x{launch[1]}"
+        for program in programs:
+            row = {"case": label, **dataclasses.asdict(case),
                    **{k: v for k, v in program.items() if k != "ttir"}}
             try:
                 row.update(compile_sm90(program["ttir"], program["num_warps"], program["num_stages"]))

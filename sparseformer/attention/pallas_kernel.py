@@ -60,6 +60,8 @@ MAX_TILE_ELEMENTS = 128 * 128
 
 # (kernel family, interpret) forced by `compile_for_gpu`, `compile_for_tpu` or `tpu_interpret`.
 _TARGET: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("sparseformer_pallas", default=None)
+# (num_warps, num_stages) forced by `launch_options`
+_LAUNCH: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("sparseformer_launch", default=None)
 
 
 @contextlib.contextmanager
@@ -139,7 +141,23 @@ class Plan:
         from jax.experimental.pallas import triton as pl_triton
 
         warps = 4 if self.rows * head_dim <= 64 * 64 and self.block <= 64 else 8
+        forced = _LAUNCH.get()
+        if forced is not None:
+            return pl_triton.CompilerParams(num_warps=forced[0], num_stages=forced[1])
         return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
+
+
+@contextlib.contextmanager
+def launch_options(num_warps: int, num_stages: int):
+    """Compile the Triton programs traced inside with these launch options instead of the defaults
+    (4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; 2 pipeline stages): for tuning
+    them on a GPU (`benchmarks/gpu_check.py`'s launch sweep) and reading their static cost
+    (`benchmarks/triton_sm90.py`)."""
+    token = _LAUNCH.set((int(num_warps), int(num_stages)))
+    try:
+        yield
+    finally:
+        _LAUNCH.reset(token)
 
 
 def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mask: bool) -> Plan:

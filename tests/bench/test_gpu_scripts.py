@@ -72,7 +72,7 @@ def _gpu_sh_calls(tmp_path: Path, *, check_fails: bool) -> list[list[str]]:
            **({"GPU_SH_FAIL_CHECK": "1"} if check_fails else {})}
     out = tmp_path / "out"
     # as the device tool runs it: two calls on the same machine
-    for stages in (["check", "bidir"], ["causal", "memory", "breakdown"]):
+    for stages in (["check", "bidir"], ["causal", "memory", "breakdown", "tune"]):
         done = subprocess.run(["bash", "benchmarks/gpu.sh", str(out), *stages], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -104,10 +104,13 @@ def test_gpu_sh_runs_every_stage_with_flags_its_tools_accept(tmp_path, check_fai
             methods.preset_config(args.preset)
             breakdowns.append(args)
         elif argv[:1] == ["benchmarks/gpu_check.py"]:
-            checks.append(argv)
+            checks.append(argv[1:])
         else:  # the GPU probe and the version line
             assert argv[0] in ("-c", "-m") and "jax" in argv[1] or argv[:2] == ["-m", "pip"], argv
-    assert len(checks) == 1 and len(residual_calls) == 1 and len(breakdowns) == 2
+    out = str(tmp_path / "out")
+    # the check, then (unless it failed) the launch sweep last
+    assert checks == ([[f"{out}/check"]] if check_fails else [[f"{out}/check"], [f"{out}/tune", "--tune"]])
+    assert len(residual_calls) == 1 and len(breakdowns) == 2
     assert [o.causal for o in benches] == [False, True, False]  # bidir, causal, memory
     assert all(o.dtype == "bfloat16" and o.heads == 8 and o.head_dim == 64 and o.dense_impl == "cudnn"
                for o in benches)
@@ -148,3 +151,22 @@ def test_triton_sm90_occupancy_follows_the_sm90_limits():
     # 193 KiB of shared memory (+1 KiB reserved): one program per SM
     assert triton_sm90.programs_per_sm(64, 193 * 1024, 4)["limited_by"] == "shared"
     assert triton_sm90.programs_per_sm(24, 1024, 16) == {"programs_per_sm": 4, "limited_by": "warps", "warps_per_sm": 64}
+
+
+def test_launch_sweep_times_each_launch_and_names_the_fastest():
+    row = gpu_check.launch_sweep(256, H=2, dtype=jnp.float32, launches=((4, 1), (4, 2)), repeats=1, warmup=0)
+    assert row["default"] == "4x2" and set(row["launches"]) == {"4x1", "4x2"}
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in row["launches"].values()), row
+    assert row["best_fwd_bwd_ms"] in row["launches"] and row["best_vs_default_fwd_bwd_ms"] >= 1.0
+    json.dumps(row)
+
+
+def test_launch_options_reach_the_gpu_programs():
+    """`launch_options` (the sweep's knob) changes what every lowered program is compiled with."""
+    import triton_sm90
+
+    from sparseformer.attention import pallas_kernel
+
+    with pallas_kernel.launch_options(8, 3):
+        programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512))
+    assert len(programs) == 4 and all((p["num_warps"], p["num_stages"]) == (8, 3) for p in programs)
