@@ -24,6 +24,7 @@ check fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -44,9 +45,11 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0):
+def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0, precision=None):
     """One case; `layout="BTHD"` gives the kernel q, k, v in `attend`'s own layout, read in place (q
-    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged)."""
+    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged). `precision`:
+    JAX's matmul precision for both kernels (float32 runs TF32 by default on a GPU, in the fused
+    kernel and in XLA's alike, but not rounded alike: "highest" compares them at full float32)."""
     rng = np.random.default_rng(seed)
     B, n, Hk = 1, T // b, H // G
     keys = jax.random.split(jax.random.key(seed), 5)
@@ -74,17 +77,19 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BH
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-    gf, gs = grads(fused), grads(scan)
-    (_, (out_f, lse_f)), d_f = gf(qh, kh, vh)
-    (_, (out_s, lse_s)), d_s = gs(qh, kh, vh)
-    (_, _), d_f2 = gf(qh, kh, vh)
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():  # read while tracing
+        gf, gs = grads(fused), grads(scan)
+        (_, (out_f, lse_f)), d_f = gf(qh, kh, vh)
+        (_, (out_s, lse_s)), d_s = gs(qh, kh, vh)
+        (_, _), d_f2 = gf(qh, kh, vh)
     errs = {"out": _rel(out_f, out_s), "lse": _rel(lse_f, lse_s)}
     errs.update({f"d{x}": _rel(a, c) for x, a, c in zip("qkv", d_f, d_s)})
     deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(d_f, d_f2))
     tol = 1e-4 if dtype == jnp.float32 else 3e-2
     ok = all(e < tol for e in errs.values()) and deterministic and all(
         bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in d_f)
-    return {"name": name, "layout": layout, "T": T, "block": b, "head_dim": D, "heads": H, "group": G, "dtype": jnp.dtype(dtype).name,
+    return {"name": name, "layout": layout, "T": T, "block": b, "head_dim": D, "heads": H, "group": G,
+            "dtype": jnp.dtype(dtype).name, "precision": precision or "default",
             "causal": causal, "padding": padding, "row_starts": row_starts, "errors": errs,
             "deterministic": deterministic, "tolerance": tol, "ok": ok}
 
@@ -251,7 +256,7 @@ def main(out_dir: str) -> int:
         dict(name="bf16 causal b128 d128", T=4096, b=128, D=128, H=4, G=1, dtype=jnp.bfloat16, causal=True,
              padding=False, row_starts=False),
         dict(name="f32 causal gqa b64 d128", T=2048, b=64, D=128, H=8, G=4, dtype=jnp.float32, causal=True,
-             padding=True, row_starts=False),
+             padding=True, row_starts=False, precision="highest"),  # TF32 by default: full float32 to compare
         dict(name="f16 bidir b128 d64", T=2048, b=128, D=64, H=4, G=1, dtype=jnp.float16, causal=False,
              padding=False, row_starts=True),
         # q, k, v read in place from [B, T, H, D] (what attend passes on a GPU; one head a tile)

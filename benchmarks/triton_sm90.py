@@ -55,6 +55,8 @@ class Case:
     block: int = 64
     causal: bool = False
     padding: bool = False
+    dtype: str = "bfloat16"
+    precision: str | None = None  # JAX's matmul precision while lowering (float32: TF32 unless "highest")
 
 
 # the benchmark's shape (bf16, B=1, H=8, D=64, blocks of 64), then the other supported shapes
@@ -65,6 +67,16 @@ CASES = (
     Case("rsa, blocks of 128", block=128),
     Case("rsa, head dim 128, blocks of 128", head_dim=128, block=128),
     Case("rsa, GQA 8 query / 2 kv heads", kv_heads=2),
+    Case("rsa, GQA 8 / 1, head dim 128", kv_heads=1, head_dim=128),
+    Case("rsa, GQA 8 / 1, head dim 128, blocks of 128", kv_heads=1, head_dim=128, block=128),
+    # the other dtypes gpu_check.py runs: float32 tiles weigh twice (`pallas_kernel.unsupported_reason`)
+    Case("rsa float32", dtype="float32"),
+    Case("rsa float32, GQA 8 / 2", kv_heads=2, dtype="float32"),
+    Case("rsa float32, GQA 8 / 2, head dim 128", kv_heads=2, head_dim=128, causal=True, padding=True, dtype="float32"),
+    Case("rsa float32, blocks of 128", block=128, dtype="float32"),
+    Case("rsa float32 \"highest\", GQA 8 / 2, head dim 128", kv_heads=2, head_dim=128, causal=True, padding=True,
+         dtype="float32", precision="highest"),
+    Case("rsa float16, blocks of 128", block=128, dtype="float16"),
 )
 
 
@@ -82,8 +94,8 @@ def triton_programs(case: Case) -> list[dict[str, Any]]:
         modules[re.match(r"module @(\w+)", text).group(1)] = text
         return result
 
-    q = jax.ShapeDtypeStruct((1, case.length, case.heads, case.head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, case.length, case.kv_heads, case.head_dim), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, case.length, case.heads, case.head_dim), jnp.dtype(case.dtype))
+    kv = jax.ShapeDtypeStruct((1, case.length, case.kv_heads, case.head_dim), jnp.dtype(case.dtype))
     config = presets.get(case.preset)
     config.selection.update(block_size=case.block, kernel="pallas")
     kv_mask = jnp.ones((1, case.length), bool) if case.padding else None
@@ -93,8 +105,9 @@ def triton_programs(case: Case) -> list[dict[str, Any]]:
         return jnp.sum(out.astype(jnp.float32)) + aux["aux_loss"]
 
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
+    precision = jax.default_matmul_precision(case.precision) if case.precision else contextlib.nullcontext()
     try:
-        with pallas_kernel.compile_for_gpu():
+        with pallas_kernel.compile_for_gpu(), precision:
             text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
                 lowering_platforms=("cuda",)).as_text()
     finally:

@@ -113,12 +113,15 @@ AUTO_MASKED_MAX_KEYS = 512
 
 
 def selection_kernel(
-    config: ml_collections.ConfigDict, kv_len: int, *, head_dim: int | None = None, backend: str | None = None
+    config: ml_collections.ConfigDict, kv_len: int, *, head_dim: int | None = None, backend: str | None = None,
+    dtype: Any = None,
 ) -> str:
     """The exact part's kernel for a key length: `pallas`, `scan` or `masked` (`auto` resolved).
 
     `auto` takes the fused `pallas` kernel on a GPU when the shapes allow it (block size and head
-    dim powers of two >= 16); elsewhere `masked` up to `AUTO_MASKED_MAX_KEYS` keys, `scan` beyond.
+    dim powers of two >= 16; in float32, a block's tiles within shared memory: see
+    `pallas_kernel.unsupported_reason`); elsewhere `masked` up to `AUTO_MASKED_MAX_KEYS` keys,
+    `scan` beyond.
     """
     kernel = config.selection.kernel
     if kernel != "auto":
@@ -128,7 +131,8 @@ def selection_kernel(
     from sparseformer.attention.pallas_kernel import unsupported_reason
 
     backend = backend or jax.default_backend()
-    if backend == "gpu" and head_dim is not None and unsupported_reason(config.selection.block_size, head_dim) is None:
+    if (backend == "gpu" and head_dim is not None
+            and unsupported_reason(config.selection.block_size, head_dim, dtype, compiled_gpu=True) is None):
         return "pallas"
     return "masked" if kv_len <= AUTO_MASKED_MAX_KEYS else "scan"
 

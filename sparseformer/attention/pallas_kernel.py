@@ -29,7 +29,10 @@ Masks: causal (key position <= query position, which only bites inside the diago
 selection never picks a future block), key padding, and `Selection.row_start` (a slot that serves
 only the rows of its query block from an offset on). Logits, softmax statistics and accumulators
 are float32 whatever the input dtype; the matmuls take the inputs' dtype (bfloat16/float16 run
-on tensor cores; float32 inputs multiply in full float32, not TF32).
+on tensor cores). Float32 inputs multiply as JAX's matmul precision says, like XLA's own float32
+matmuls: TF32 tensor cores by default on a GPU, full float32 (no tensor cores) under
+`jax.default_matmul_precision("highest")` (`benchmarks/triton_sm90.py` compiled both: the default
+runs `wgmma ... tf32`, "highest" plain FMAs).
 
 Backend: Pallas' Triton lowering (`jax.experimental.pallas.triton`). It supports data-dependent
 block addresses read from an index array inside the kernel, which is all this walk needs; it is
@@ -55,7 +58,8 @@ from sparseformer.attention.dense import LOG0, softmax_delta
 
 # A key block's inverted list is walked by programs of at most this many entries each.
 LIST_PIECE = 16
-# Rows x head dim of one program's query tile at most (the accumulator lives in registers).
+# Rows x head dim of one program's query tile at most, in 16-bit elements (the accumulator lives in
+# registers, the tiles in shared memory: a float32 tile counts twice on a GPU).
 MAX_TILE_ELEMENTS = 128 * 128
 
 # (kernel family, interpret) forced by `compile_for_gpu`, `compile_for_tpu` or `tpu_interpret`.
@@ -104,12 +108,24 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def unsupported_reason(block_size: int, head_dim: int) -> str | None:
+def _wide(dtype) -> int:
+    """How many 16-bit elements one element of `dtype` weighs in shared memory (float32: 2)."""
+    return max(1, jnp.dtype(dtype).itemsize // 2) if dtype is not None else 1
+
+
+def unsupported_reason(block_size: int, head_dim: int, dtype=None, *, compiled_gpu: bool = False) -> str | None:
     """Why the kernel cannot run these shapes (None when it can): Triton tiles are powers of two
-    and its matmuls need every dimension >= 16."""
+    and its matmuls need every dimension >= 16; compiled for a GPU (`compiled_gpu`), a float32
+    block's tiles must also fit an SM's shared memory: `block_size x head_dim <= MAX_TILE_ELEMENTS / 2`
+    (`benchmarks/triton_sm90.py`: float32 blocks of 128 with head dim 128 need 257-385 KiB of the
+    227 KiB an H100/H200 program may take; 16-bit ones fit)."""
     for name, x in (("selection.block_size", block_size), ("head dim", head_dim)):
         if x < 16 or x & (x - 1):
             return f"{name} {x}: the pallas kernel needs a power of two >= 16"
+    if compiled_gpu and block_size * head_dim * _wide(dtype) > MAX_TILE_ELEMENTS:
+        return (f"selection.block_size {block_size} x head dim {head_dim} in {jnp.dtype(dtype).name} needs more "
+                f"shared memory than a GPU program has (at most {MAX_TILE_ELEMENTS // _wide(dtype)} elements a block "
+                "in this dtype; bfloat16 and float16 take twice as many)")
     return None
 
 
@@ -137,14 +153,20 @@ class Plan:
     def rows(self) -> int:
         return self.heads_per_tile * self.block
 
-    def params(self, head_dim: int):
+    def params(self, head_dim: int, *, key_blocks: bool = False):
+        """Triton launch options: 4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; loads
+        pipelined 2 stages deep, except in the dk/dv kernels (`key_blocks`) when a group spans several
+        tiles: their unrolled walk over the group's tiles keeps one set of pipelined buffers per tile,
+        which outgrows shared memory (8 bfloat16 heads of dim 128 per key/value head: 565 KiB of 227;
+        one stage: 113 KiB; `benchmarks/triton_sm90.py`)."""
         from jax.experimental.pallas import triton as pl_triton
 
         warps = 4 if self.rows * head_dim <= 64 * 64 and self.block <= 64 else 8
         forced = _LAUNCH.get()
         if forced is not None:
             return pl_triton.CompilerParams(num_warps=forced[0], num_stages=forced[1])
-        return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
+        stages = 1 if key_blocks and self.tiles_per_group > 1 else 2
+        return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 @contextlib.contextmanager
@@ -160,11 +182,15 @@ def launch_options(num_warps: int, num_stages: int):
         _LAUNCH.reset(token)
 
 
-def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mask: bool) -> Plan:
+def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mask: bool, dtype=None) -> Plan:
     group = selection.group
     family, interpret = kernel_target()
+    # compiled for a GPU, a float32 tile weighs twice its elements in shared memory (interpreted,
+    # any tile runs: the tests keep stacking heads in float32)
+    wide = _wide(dtype) if (family, interpret) == ("triton", False) else 1
     hp = 1
-    while hp * 2 <= group and group % (hp * 2) == 0 and 2 * hp * selection.block_size * head_dim <= MAX_TILE_ELEMENTS:
+    while (hp * 2 <= group and group % (hp * 2) == 0
+           and 2 * hp * selection.block_size * head_dim * wide <= MAX_TILE_ELEMENTS):
         hp *= 2
     return Plan(
         causal=causal,
@@ -400,8 +426,8 @@ def _walk_key_block(plan: Plan, first, end, refs):
 def _dkv_kernel(*refs, plan: Plan):
     """One piece of a key block's inverted list. A block whose list is one piece (program `j < m`)
     writes its dk, dv in their final dtype; a further piece writes its float32 partial sums. A long
-    block's first piece is left to `_finish_kernel`, which adds the partial sums to it: so the
-    gradients are never held whole in float32 (4 bfloat16-sized arrays fewer at the backward's peak)."""
+    block's first piece is left to `_finish_kernel`, which adds the partial sums to it: so dk and dv
+    are never held whole in float32 (that was 4 bfloat16-sized arrays, then their rounded copies)."""
     dk_ref, dv_ref, dk_extra_ref, dv_extra_ref = refs[-4:]
     pieces_ref = refs[0]
     first, end, later = pieces_ref[1], pieces_ref[2], pieces_ref[3]
@@ -439,7 +465,8 @@ def _finish_kernel(*refs, plan: Plan):
 # ---------------------------------------------------------------- calls
 
 
-def _call(kernel, plan: Plan, grid, in_specs, out_specs, out_shape, args, name, head_dim, aliases=None):
+def _call(kernel, plan: Plan, grid, in_specs, out_specs, out_shape, args, name, head_dim, aliases=None,
+          key_blocks=False):
     return pl.pallas_call(
         functools.partial(kernel, plan=plan),
         grid=grid,
@@ -448,7 +475,7 @@ def _call(kernel, plan: Plan, grid, in_specs, out_specs, out_shape, args, name, 
         out_shape=out_shape,
         input_output_aliases=aliases or {},
         interpret=plan.interpret,
-        compiler_params=None if plan.interpret else plan.params(head_dim),
+        compiler_params=None if plan.interpret else plan.params(head_dim, key_blocks=key_blocks),
         name=name,
     )(*args)
 
@@ -553,7 +580,7 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     walk_args = (pieces, entries, qids_p, qg, k, v) + mask_args + (d_out, lse, dd)
     dk, dv, dk_x, dv_x = _call(
         _dkv_kernel, plan, (P, B, Hk), in_specs, (first_out, first_out, extra_out, extra_out),
-        (grad, grad, extra_shape, extra_shape), walk_args, "sparseformer_block_sparse_dkv", D,
+        (grad, grad, extra_shape, extra_shape), walk_args, "sparseformer_block_sparse_dkv", D, key_blocks=True,
     )
     # the long blocks: first piece + partial sums, into dk and dv in place (the others pass through)
     whole_extra = pl.BlockSpec((None, None, P - m, b, D), lambda j, bb, hk: (bb, hk, 0, 0, 0))
@@ -564,7 +591,7 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     dk, dv = _call(
         _finish_kernel, plan, (m, B, Hk), finish_specs, (key_block(lambda j: j), key_block(lambda j: j)),
         (grad, grad), finish_args, "sparseformer_block_sparse_dkv_finish", D,
-        aliases={n_args - 2: 0, n_args - 1: 1},
+        aliases={n_args - 2: 0, n_args - 1: 1}, key_blocks=True,
     )
     return dq, dk, dv
 
@@ -656,10 +683,10 @@ def fused_block_attention(causal: bool, q, k, v, selection, kv_mask=None, *, lay
     Hk, G = (k.shape[2] if bthd else k.shape[1]), selection.group
     if H != Hk * G:
         raise ValueError(f"model.attention: {H} query heads for {Hk} key/value heads and group {G}")
-    reason = unsupported_reason(selection.block_size, D)
+    reason = unsupported_reason(selection.block_size, D, q.dtype, compiled_gpu=kernel_target() == ("triton", False))
     if reason:
         raise ValueError(f"model.attention.selection.kernel: 'pallas' cannot run: {reason}")
-    plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None)
+    plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None, dtype=q.dtype)
     if plan.tpu and q.dtype == jnp.float16:
         raise ValueError("model.attention.selection.kernel: 'pallas' on a TPU takes float32 or bfloat16, not float16")
     if bthd and (plan.tpu or plan.heads_per_tile > 1):

@@ -184,7 +184,8 @@ def build_preset(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method
         return out
 
     counts = {key: int(val) for key, val in counted.items() if isinstance(val, (int, float))}
-    kernel = selection_kernel(config, shape.length, head_dim=shape.head_dim) if config.selection.enabled else "none"
+    kernel = (selection_kernel(config, shape.length, head_dim=shape.head_dim, dtype=shape.dtype)
+              if config.selection.enabled else "none")
     return Method(name, fn, params, counts, "sparseformer", kernel)
 
 

@@ -61,7 +61,8 @@ def attention_kernel(config: ml_collections.ConfigDict, length: int) -> str:
         else:
             if att.selection.enabled:
                 head_dim = int(sized.model.emb_dim) // int(sized.model.num_heads)
-                bits.append(f"selection ({selection_kernel(att, S_pad, head_dim=head_dim)})")
+                kernel = selection_kernel(att, S_pad, head_dim=head_dim, dtype=sized.model.get("dtype"))
+                bits.append(f"selection ({kernel})")
             if att.compression.enabled:
                 bits.append(att.compression.kind)
         name = " + ".join(bits) or "dense"

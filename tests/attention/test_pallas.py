@@ -270,3 +270,34 @@ def test_every_selecting_preset_runs_on_the_fused_kernel(name):
         outs[kernel] = jax.jit(lambda q, k, v, c=c, params=params: attend(
             q, k, v, c, params=params, kv_mask=mask, rng=jax.random.key(1))[0])(q, k, v)
     assert rel_error(outs["pallas"], outs["masked"]) < 1e-5
+
+
+def test_float32_tiles_are_sized_for_gpu_shared_memory():
+    """Compiled for a GPU, a float32 block's tiles must fit an SM's shared memory (measured by
+    `benchmarks/triton_sm90.py`: blocks of 128 with head dim 128 need 257-385 KiB of 227): the
+    kernel refuses them before compiling, `auto` takes `scan` instead, and GQA tiles stack fewer
+    float32 heads. Interpreted (the tests), any tile runs."""
+    from sparseformer.attention.config import selection_kernel
+
+    reason = pallas_kernel.unsupported_reason(128, 128, jnp.float32, compiled_gpu=True)
+    assert "selection.block_size 128 x head dim 128 in float32" in reason and "8192" in reason, reason
+    for ok in ((128, 128, jnp.bfloat16, True), (128, 64, jnp.float32, True), (64, 128, jnp.float32, True),
+               (128, 128, jnp.float32, False)):
+        assert pallas_kernel.unsupported_reason(*ok[:3], compiled_gpu=ok[3]) is None, ok
+    c = presets.get("rsa")
+    c.selection.block_size = 128
+    assert selection_kernel(c, 4096, head_dim=128, backend="gpu", dtype=jnp.bfloat16) == "pallas"
+    assert selection_kernel(c, 4096, head_dim=128, backend="gpu", dtype=jnp.float32) == "scan"
+    sel = _selection(0, B=1, H=8, G=2, n=4, b=64, causal=False, row_starts=False)
+    with pallas_kernel.compile_for_gpu():
+        assert pallas_kernel.make_plan(False, sel, num_heads=8, head_dim=128, has_mask=False,
+                                       dtype=jnp.bfloat16).heads_per_tile == 2
+        assert pallas_kernel.make_plan(False, sel, num_heads=8, head_dim=128, has_mask=False,
+                                       dtype=jnp.float32).heads_per_tile == 1
+        q = jnp.zeros((1, 256, 4, 128), jnp.float32)
+        sel128 = _selection(0, B=1, H=4, G=1, n=2, b=128, causal=False, row_starts=False)
+        with pytest.raises(ValueError, match="'pallas' cannot run: selection.block_size 128 x head dim 128 in float32"):
+            pallas_kernel.fused_block_attention(False, q, q, q, sel128, layout="BTHD")
+    # interpreted: stacked float32 heads as before
+    assert pallas_kernel.make_plan(False, sel, num_heads=8, head_dim=128, has_mask=False,
+                                   dtype=jnp.float32).heads_per_tile == 2

@@ -25,8 +25,8 @@ import gpu_check  # noqa: E402
 
 def test_gpu_check_correctness_case_in_place_gqa_causal():
     r = gpu_check.check("tiny", T=256, b=32, D=64, H=4, G=2, dtype=jnp.float32, causal=True, padding=True,
-                        row_starts=True, layout="BTHD")
-    assert r["ok"] and r["deterministic"], r
+                        row_starts=True, layout="BTHD", precision="highest")
+    assert r["ok"] and r["deterministic"] and r["precision"] == "highest", r
     assert set(r["errors"]) == {"out", "lse", "dq", "dk", "dv"}
 
 
@@ -170,3 +170,34 @@ def test_launch_options_reach_the_gpu_programs():
     with pallas_kernel.launch_options(8, 3):
         programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512))
     assert len(programs) == 4 and all((p["num_warps"], p["num_stages"]) == (8, 3) for p in programs)
+
+
+def test_dkv_kernels_drop_pipelining_when_a_group_spans_tiles():
+    """8 query heads of dim 128 per key/value head: the dk/dv walk unrolls 4 tiles, whose pipelined
+    buffers need 565 KiB of shared memory at 2 stages (227 on an H100/H200; `triton_sm90.py`), so the
+    dk/dv kernels take 1 stage there; the forward and dq keep 2."""
+    import triton_sm90
+
+    stages = {p["kernel"].removeprefix("sparseformer_block_sparse_"): p["num_stages"]
+              for p in triton_sm90.triton_programs(triton_sm90.Case("mqa", length=512, kv_heads=1, head_dim=128))}
+    assert stages == {"fwd": 2, "dq": 2, "dkv": 1, "dkv_finish": 1}, stages
+    stages = {p["kernel"]: p["num_stages"] for p in triton_sm90.triton_programs(triton_sm90.Case("mha", length=512))}
+    assert set(stages.values()) == {2}, stages
+
+
+def test_float32_matmuls_follow_jax_matmul_precision():
+    """The fused kernel's float32 matmuls run TF32 on a GPU by default (as XLA's do) and full float32
+    under "highest": what the module says, and why gpu_check compares float32 under "highest"."""
+    import re
+
+    import jax
+    import triton_sm90
+
+    case = triton_sm90.Case("f32", length=512, dtype="float32")
+    default = triton_sm90.triton_programs(case)
+    with jax.default_matmul_precision("highest"):
+        highest = triton_sm90.triton_programs(case)
+    for p in default:
+        assert set(re.findall(r"inputPrecision = (\w+)", p["ttir"])) == {"tf32"}, p["kernel"]
+    for p in highest:
+        assert "tt.dot" in p["ttir"] and "inputPrecision" not in p["ttir"], p["kernel"]  # printed only when not ieee
