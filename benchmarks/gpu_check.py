@@ -45,11 +45,27 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0, precision=None):
-    """One case; `layout="BTHD"` gives the kernel q, k, v in `attend`'s own layout, read in place (q
-    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged). `precision`:
-    JAX's matmul precision for both kernels (float32 runs TF32 by default on a GPU, in the fused
-    kernel and in XLA's alike, but not rounded alike: "highest" compares them at full float32)."""
+# the correctness cases (`check`'s arguments); `benchmarks/triton_sm90.py` compiles the same for sm_90
+CHECK_CASES = [
+    dict(name="bf16 bidir padding gqa rowstart b64 d64", T=4096, b=64, D=64, H=8, G=2, dtype=jnp.bfloat16,
+         causal=False, padding=True, row_starts=True),
+    dict(name="bf16 causal b128 d128", T=4096, b=128, D=128, H=4, G=1, dtype=jnp.bfloat16, causal=True,
+         padding=False, row_starts=False),
+    dict(name="f32 causal gqa b64 d128", T=2048, b=64, D=128, H=8, G=4, dtype=jnp.float32, causal=True,
+         padding=True, row_starts=False, precision="highest"),  # TF32 by default: full float32 to compare
+    dict(name="f16 bidir b128 d64", T=2048, b=128, D=64, H=4, G=1, dtype=jnp.float16, causal=False,
+         padding=False, row_starts=True),
+    # q, k, v read in place from [B, T, H, D] (what attend passes on a GPU; one head a tile)
+    dict(name="bf16 bidir padding b64 d64 in place", T=4096, b=64, D=64, H=8, G=1, dtype=jnp.bfloat16,
+         causal=False, padding=True, row_starts=True, layout="BTHD"),
+    dict(name="bf16 causal gqa b128 d128 in place", T=4096, b=128, D=128, H=4, G=2, dtype=jnp.bfloat16,
+         causal=True, padding=False, row_starts=False, layout="BTHD"),
+]
+
+
+def case_grads(*, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0):
+    """A correctness case's inputs `(q, k, v)` (head-major) and the value-and-gradient functions
+    (not jitted) of one loss through the fused kernel and through the `scan` kernel."""
     rng = np.random.default_rng(seed)
     B, n, Hk = 1, T // b, H // G
     keys = jax.random.split(jax.random.key(seed), 5)
@@ -75,10 +91,21 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BH
             out, lse = fn(q, k, v)
             return jnp.sum(out * w_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * w_lse), (out, lse)
 
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
+    return (qh, kh, vh), grads(fused), grads(scan)
+
+
+def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0, precision=None):
+    """One case; `layout="BTHD"` gives the kernel q, k, v in `attend`'s own layout, read in place (q
+    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged). `precision`:
+    JAX's matmul precision for both kernels (float32 runs TF32 by default on a GPU, in the fused
+    kernel and in XLA's alike, but not rounded alike: "highest" compares them at full float32)."""
+    (qh, kh, vh), fused_grads, scan_grads = case_grads(
+        T=T, b=b, D=D, H=H, G=G, dtype=dtype, causal=causal, padding=padding, row_starts=row_starts, layout=layout,
+        seed=seed)
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():  # read while tracing
-        gf, gs = grads(fused), grads(scan)
+        gf, gs = jax.jit(fused_grads), jax.jit(scan_grads)
         (_, (out_f, lse_f)), d_f = gf(qh, kh, vh)
         (_, (out_s, lse_s)), d_s = gs(qh, kh, vh)
         (_, _), d_f2 = gf(qh, kh, vh)
@@ -250,23 +277,8 @@ def tune(out_dir: str) -> int:
 def main(out_dir: str) -> int:
     os.makedirs(out_dir, exist_ok=True)
     report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "checks": [], "speed": []}
-    cases = [
-        dict(name="bf16 bidir padding gqa rowstart b64 d64", T=4096, b=64, D=64, H=8, G=2, dtype=jnp.bfloat16,
-             causal=False, padding=True, row_starts=True),
-        dict(name="bf16 causal b128 d128", T=4096, b=128, D=128, H=4, G=1, dtype=jnp.bfloat16, causal=True,
-             padding=False, row_starts=False),
-        dict(name="f32 causal gqa b64 d128", T=2048, b=64, D=128, H=8, G=4, dtype=jnp.float32, causal=True,
-             padding=True, row_starts=False, precision="highest"),  # TF32 by default: full float32 to compare
-        dict(name="f16 bidir b128 d64", T=2048, b=128, D=64, H=4, G=1, dtype=jnp.float16, causal=False,
-             padding=False, row_starts=True),
-        # q, k, v read in place from [B, T, H, D] (what attend passes on a GPU; one head a tile)
-        dict(name="bf16 bidir padding b64 d64 in place", T=4096, b=64, D=64, H=8, G=1, dtype=jnp.bfloat16,
-             causal=False, padding=True, row_starts=True, layout="BTHD"),
-        dict(name="bf16 causal gqa b128 d128 in place", T=4096, b=128, D=128, H=4, G=2, dtype=jnp.bfloat16,
-             causal=True, padding=False, row_starts=False, layout="BTHD"),
-    ]
     ok = True
-    for c in cases:
+    for c in CHECK_CASES:
         try:
             r = check(**c)
         except Exception as e:  # noqa: BLE001

@@ -12,7 +12,8 @@ cubin), whether the walk's loads are pipelined (asynchronous copies into shared 
 matmuls use Hopper's wgmma instructions, and the programs one SM can hold at once (the occupancy those allow; H100/H200: 64K
 registers, 228 KiB shared memory of which 227 KiB for one program, 64 warps, 32 programs per SM).
 The benchmark's shape is compiled once more with each launch (num_warps, num_stages) that the GPU
-stage's sweep times (`gpu_check.LAUNCHES`), so its timings can be read beside these costs.
+stage's sweep times (`gpu_check.LAUNCHES`), so its timings can be read beside these costs, and every
+correctness case of `gpu_check.py` (`CHECK_CASES`) is compiled as the check runs it.
 
 What it cannot say: the speed (only a GPU measures that), and whether XLA's own Triton build (the one
 the GPU machine's jaxlib bundles) compiles the IR the same way; this is the `triton` package's build
@@ -80,36 +81,25 @@ CASES = (
 )
 
 
-def triton_programs(case: Case) -> list[dict[str, Any]]:
-    """Each Pallas call of `case`'s forward+backward lowered for `cuda`: its name, Triton IR (text)
-    and the `num_warps`/`num_stages` of its custom call."""
+def lowered_programs(fn, *args, precision: str | None = None) -> list[dict[str, Any]]:
+    """Each Pallas call of `jax.jit(fn)` at `args` lowered for `cuda`: its name, Triton IR (text) and
+    the `num_warps`/`num_stages` of its custom call."""
     from jax._src.pallas.triton import lowering, pallas_call_registration
 
     modules: dict[str, str] = {}
     original = lowering.lower_jaxpr_to_triton_module
 
-    def capture(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        result = original(*args, **kwargs)
+    def capture(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        result = original(*a, **kw)
         text = result.module.operation.get_asm(enable_debug_info=False)
         modules[re.match(r"module @(\w+)", text).group(1)] = text
         return result
 
-    q = jax.ShapeDtypeStruct((1, case.length, case.heads, case.head_dim), jnp.dtype(case.dtype))
-    kv = jax.ShapeDtypeStruct((1, case.length, case.kv_heads, case.head_dim), jnp.dtype(case.dtype))
-    config = presets.get(case.preset)
-    config.selection.update(block_size=case.block, kernel="pallas")
-    kv_mask = jnp.ones((1, case.length), bool) if case.padding else None
-
-    def loss(q, k, v):  # noqa: ANN001, ANN202
-        out, aux = attend(q, k, v, config, causal=case.causal, kv_mask=kv_mask, rng=jax.random.key(0))
-        return jnp.sum(out.astype(jnp.float32)) + aux["aux_loss"]
-
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
-    precision = jax.default_matmul_precision(case.precision) if case.precision else contextlib.nullcontext()
+    matmuls = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
     try:
-        with pallas_kernel.compile_for_gpu(), precision:
-            text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
-                lowering_platforms=("cuda",)).as_text()
+        with pallas_kernel.compile_for_gpu(), matmuls:
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     finally:
         pallas_call_registration.lowering.lower_jaxpr_to_triton_module = original
     programs = []
@@ -121,6 +111,31 @@ def triton_programs(case: Case) -> list[dict[str, Any]]:
         stages = int(re.search(r"num_stages = (\d+)", line).group(1))
         programs.append({"kernel": name, "num_warps": warps, "num_stages": stages, "ttir": modules[name]})
     return programs
+
+
+def triton_programs(case: Case) -> list[dict[str, Any]]:
+    """The programs of `case`: `attend`'s forward+backward, as training runs it."""
+    q = jax.ShapeDtypeStruct((1, case.length, case.heads, case.head_dim), jnp.dtype(case.dtype))
+    kv = jax.ShapeDtypeStruct((1, case.length, case.kv_heads, case.head_dim), jnp.dtype(case.dtype))
+    config = presets.get(case.preset)
+    config.selection.update(block_size=case.block, kernel="pallas")
+    kv_mask = jnp.ones((1, case.length), bool) if case.padding else None
+
+    def loss(q, k, v):  # noqa: ANN001, ANN202
+        out, aux = attend(q, k, v, config, causal=case.causal, kv_mask=kv_mask, rng=jax.random.key(0))
+        return jnp.sum(out.astype(jnp.float32)) + aux["aux_loss"]
+
+    return lowered_programs(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, precision=case.precision)
+
+
+def check_programs(case: dict[str, Any]) -> list[dict[str, Any]]:
+    """The programs of one of `gpu_check.CHECK_CASES`: the fused kernel's forward+backward exactly as
+    the GPU check runs it (its layout, dtype, mask, row starts and matmul precision)."""
+    import gpu_check
+
+    args = {k: v for k, v in case.items() if k not in ("name", "precision")}
+    (q, k, v), fused_grads, _ = gpu_check.case_grads(**args)
+    return lowered_programs(fused_grads, q, k, v, precision=case.get("precision"))
 
 
 def programs_per_sm(registers: int, shared: int, warps: int) -> dict[str, int]:
@@ -195,17 +210,21 @@ def main(argv: list[str] | None = None) -> int:
         print("triton_sm90.py: needs the `triton` package (pip install triton; about 1 GB, no GPU needed)",
               file=sys.stderr)
         return 2
-    from gpu_check import LAUNCHES  # the launches the GPU stage's sweep times
+    from gpu_check import CHECK_CASES, LAUNCHES  # what the GPU stage checks and sweeps
 
-    runs = [(case, None) for case in CASES] + [(CASES[0], launch) for launch in LAUNCHES]
+    runs = [(case.label, dataclasses.asdict(case), lambda case=case: triton_programs(case)) for case in CASES]
+    for warps, stages in LAUNCHES:
+        def launched(warps=warps, stages=stages):  # noqa: ANN202
+            with pallas_kernel.launch_options(warps, stages):
+                return triton_programs(CASES[0])
+
+        runs.append((f"{CASES[0].label}, launch {warps}x{stages}", dataclasses.asdict(CASES[0]), launched))
+    for c in CHECK_CASES:
+        runs.append((f"gpu_check: {c['name']}", {k: str(v) for k, v in c.items()}, lambda c=c: check_programs(c)))
     rows = []
-    for case, launch in runs:
-        with contextlib.nullcontext() if launch is None else pallas_kernel.launch_options(*launch):
-            programs = triton_programs(case)
-        label = case.label if launch is None else f"{case.label}, launch {launch[0]}x{launch[1]}"
-        for program in programs:
-            row = {"case": label, **dataclasses.asdict(case),
-                   **{k: v for k, v in program.items() if k != "ttir"}}
+    for label, fields, programs in runs:
+        for program in programs():
+            row = {"case": label, **fields, **{k: v for k, v in program.items() if k != "ttir"}}
             try:
                 row.update(compile_sm90(program["ttir"], program["num_warps"], program["num_stages"]))
             except Exception as e:  # noqa: BLE001 (recorded: the point is to see every failure)

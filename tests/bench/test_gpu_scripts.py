@@ -142,6 +142,19 @@ def test_triton_sm90_takes_each_kernels_triton_ir_and_launch_options():
         assert p["num_warps"] == 4 and p["num_stages"] == 2  # blocks of 64, head dim 64: Plan.params
 
 
+def test_triton_sm90_lowers_the_gpu_checks_own_cases():
+    """Every correctness case gpu_check runs lowers (its kernels are what the tool compiles), as the
+    check builds it: layout, mask, row starts and matmul precision included."""
+    import triton_sm90
+
+    assert len(gpu_check.CHECK_CASES) == 6
+    tiny = dict(name="tiny", T=256, b=32, D=64, H=4, G=2, dtype=jnp.float32, causal=True, padding=True,
+                row_starts=True, layout="BTHD", precision="highest")
+    programs = triton_sm90.check_programs(tiny)
+    assert [p["kernel"].removeprefix("sparseformer_block_sparse_") for p in programs] == ["fwd", "dq", "dkv", "dkv_finish"]
+    assert all("inputPrecision" not in p["ttir"] for p in programs)  # "highest": full float32
+
+
 def test_triton_sm90_occupancy_follows_the_sm90_limits():
     import triton_sm90
 
