@@ -24,6 +24,7 @@ check fails.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -305,9 +306,15 @@ def main(out_dir: str) -> int:
     return 0 if ok else 1
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line (`tests/bench/test_gpu_scripts.py` parses gpu.sh's calls with it)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", nargs="?", help="directory for check.json (tune.json with --tune); "
+                   "default gpu_check (gpu_tune)")
+    p.add_argument("--tune", action="store_true", help="run the launch sweep (4.) instead of 1.-3.")
+    return p
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--tune" in args:
-        args.remove("--tune")
-        sys.exit(tune(args[0] if args else "gpu_tune"))
-    sys.exit(main(args[0] if args else "gpu_check"))
+    a = parser().parse_args()
+    sys.exit(tune(a.out or "gpu_tune") if a.tune else main(a.out or "gpu_check"))

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -104,12 +106,13 @@ def test_gpu_sh_runs_every_stage_with_flags_its_tools_accept(tmp_path, check_fai
             methods.preset_config(args.preset)
             breakdowns.append(args)
         elif argv[:1] == ["benchmarks/gpu_check.py"]:
-            checks.append(argv[1:])
+            args = gpu_check.parser().parse_args(argv[1:])
+            checks.append((args.out, args.tune))
         else:  # the GPU probe and the version line
             assert argv[0] in ("-c", "-m") and "jax" in argv[1] or argv[:2] == ["-m", "pip"], argv
     out = str(tmp_path / "out")
     # the check, then (unless it failed) the launch sweep last
-    assert checks == ([[f"{out}/check"]] if check_fails else [[f"{out}/check"], [f"{out}/tune", "--tune"]])
+    assert checks == ([(f"{out}/check", False)] if check_fails else [(f"{out}/check", False), (f"{out}/tune", True)])
     assert len(residual_calls) == 1 and len(breakdowns) == 2
     assert [o.causal for o in benches] == [False, True, False]  # bidir, causal, memory
     assert all(o.dtype == "bfloat16" and o.heads == 8 and o.head_dim == 64 and o.dense_impl == "cudnn"
@@ -124,6 +127,60 @@ def test_gpu_sh_runs_every_stage_with_flags_its_tools_accept(tmp_path, check_fai
         assert "rsa" in bidir.presets and "rsa/exact" in causal.presets and not any("/scan" in p for p in sparse)
     for o in benches:
         assert "dense" in o.presets and ("dense_pallas" in o.presets or o is memory)
+
+
+def _lower_for_the_gpu(fn, *args) -> str:
+    from sparseformer.attention import pallas_kernel
+
+    with pallas_kernel.compile_for_gpu():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_every_method_gpu_sh_times_lowers_for_the_gpu(tmp_path, monkeypatch):
+    """What gpu.sh times on the GPU, built as the bench and the breakdown build it there (`auto`
+    resolved to the fused kernel), lowers for `cuda`, forward and forward+backward: so no preset the
+    script names (nsa, bigbird, local, the causal ones, `PRESET/exact`) meets the GPU lowering for the
+    first time in the lent turn. cuDNN's dense attention is left out: lowering it asks for cuDNN,
+    which a CPU install lacks (it ran on the H200 in the `scan` kernel's turn)."""
+    from sparseformer.bench import cli, methods
+
+    calls = _gpu_sh_calls(tmp_path, check_fails=False)
+    bench_cases, breakdown_cases = set(), set()
+    for argv in calls:
+        if argv[:3] == ["-m", "sparseformer", "bench"]:
+            options = cli.options_from_args(cli._parser().parse_args(argv[3:]))
+            bench_cases |= {(p, options.causal) for p in options.presets}
+        elif argv[:1] == ["benchmarks/breakdown.py"]:
+            args = breakdown.parser().parse_args(argv[1:])
+            breakdown_cases.add((args.preset, args.causal))
+    assert {("nsa", True), ("bigbird", False), ("local", False), ("dense_pallas", True)} <= bench_cases
+    assert breakdown_cases == {("rsa", False), ("rsa", True)}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what the bench and `auto` ask
+    T, H, D = 1024, 8, 64
+    q = jnp.zeros((1, T, H, D), jnp.bfloat16)
+    w = jnp.zeros((1, T, H, D), jnp.float32)
+    for name, causal in sorted(bench_cases - {("dense", False), ("dense", True)}):
+        method = methods.build(name, methods.Shape(1, T, H, D, causal, "bfloat16"), dense_impl="cudnn")
+        sparse = name != "dense_pallas"
+        assert method.kernel == ("pallas" if sparse else "pallas-triton"), (name, method.kernel)
+        for pass_name in ("fwd", "fwd_bwd"):
+            args = (q, q, q, method.params, jax.random.key(0)) + ((w,) if pass_name == "fwd_bwd" else ())
+            text = _lower_for_the_gpu(methods.make_pass(method, pass_name), *args)
+            kernels = set(re.findall(r"sparseformer_block_sparse_\w+", text))
+            if sparse:  # the fused kernel's programs, and no gathered scan in their place
+                assert kernels == ({"sparseformer_block_sparse_fwd"} if pass_name == "fwd" else
+                                   {f"sparseformer_block_sparse_{k}" for k in ("fwd", "dq", "dkv", "dkv_finish")}), (
+                    name, causal, pass_name, kernels)
+            else:
+                assert "__gpu$xla.gpu.triton" in text, name
+    for preset, causal in sorted(breakdown_cases):
+        fwd, bwd, args, kernel = breakdown.components(preset, T, H=H, D=D, dtype=jnp.bfloat16, causal=causal)
+        assert kernel == "pallas"
+        for name in set(fwd) - {"dense"}:
+            _lower_for_the_gpu(fwd[name], *args[name])
+        for name in set(bwd) - {"dense"}:
+            _lower_for_the_gpu(bwd[name], *args[name])
 
 
 # ---------------------------------------------------------------- triton_sm90.py (its triton-free half)
