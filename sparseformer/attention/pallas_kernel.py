@@ -48,6 +48,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -113,15 +114,28 @@ def _wide(dtype) -> int:
     return max(1, jnp.dtype(dtype).itemsize // 2) if dtype is not None else 1
 
 
+def _triton_missing() -> str | None:
+    """Why this JAX cannot lower Pallas to Triton (None when it can): the backend is deprecated from
+    jax 0.11 and will leave JAX in some later release; `auto` then takes `scan` on a GPU."""
+    try:
+        importlib.import_module("jax.experimental.pallas.triton")
+    except ImportError as e:
+        return f"this JAX ({jax.__version__}) has no Pallas Triton backend ({e}); use selection.kernel 'scan'"
+    return None
+
+
 def unsupported_reason(block_size: int, head_dim: int, dtype=None, *, compiled_gpu: bool = False) -> str | None:
     """Why the kernel cannot run these shapes (None when it can): Triton tiles are powers of two
-    and its matmuls need every dimension >= 16; compiled for a GPU (`compiled_gpu`), a float32
+    and its matmuls need every dimension >= 16; compiled for a GPU (`compiled_gpu`), JAX must still
+    have its Pallas Triton backend, and a float32
     block's tiles must also fit an SM's shared memory: `block_size x head_dim <= MAX_TILE_ELEMENTS / 2`
     (`benchmarks/triton_sm90.py`: float32 blocks of 128 with head dim 128 need 257-385 KiB of the
     227 KiB an H100/H200 program may take; 16-bit ones fit)."""
     for name, x in (("selection.block_size", block_size), ("head dim", head_dim)):
         if x < 16 or x & (x - 1):
             return f"{name} {x}: the pallas kernel needs a power of two >= 16"
+    if compiled_gpu and (missing := _triton_missing()):
+        return missing
     if compiled_gpu and block_size * head_dim * _wide(dtype) > MAX_TILE_ELEMENTS:
         return (f"selection.block_size {block_size} x head dim {head_dim} in {jnp.dtype(dtype).name} needs more "
                 f"shared memory than a GPU program has (at most {MAX_TILE_ELEMENTS // _wide(dtype)} elements a block "

@@ -272,6 +272,25 @@ def test_every_selecting_preset_runs_on_the_fused_kernel(name):
     assert rel_error(outs["pallas"], outs["masked"]) < 1e-5
 
 
+def test_a_jax_without_the_triton_backend_falls_back_to_scan(monkeypatch):
+    """The Pallas Triton backend is deprecated from jax 0.11; where a JAX no longer has it, `auto`
+    takes `scan` on a GPU and an explicit `pallas` is refused, naming the key, before compiling."""
+    import sys
+
+    from sparseformer.attention.config import selection_kernel
+
+    c = presets.get("rsa")
+    assert selection_kernel(c, 4096, head_dim=64, backend="gpu", dtype=jnp.bfloat16) == "pallas"
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import fails
+    assert selection_kernel(c, 4096, head_dim=64, backend="gpu", dtype=jnp.bfloat16) == "scan"
+    assert pallas_kernel.unsupported_reason(64, 64, jnp.bfloat16) is None  # interpreted: not asked
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    sel = _selection(0, B=1, H=2, G=1, n=2, b=64, causal=False, row_starts=False)
+    with pallas_kernel.compile_for_gpu(), pytest.raises(
+            ValueError, match=r"selection.kernel: 'pallas' cannot run: this JAX .* no Pallas Triton backend"):
+        pallas_kernel.fused_block_attention(False, q, q, q, sel, layout="BTHD")
+
+
 def test_float32_tiles_are_sized_for_gpu_shared_memory():
     """Compiled for a GPU, a float32 block's tiles must fit an SM's shared memory (measured by
     `benchmarks/triton_sm90.py`: blocks of 128 with head dim 128 need 257-385 KiB of 227): the
