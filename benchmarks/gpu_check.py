@@ -15,7 +15,8 @@
    its Mosaic GPU one (forward) is the measured hint for which backend a sparse kernel should use.
 
 4. With `--tune`: the launch sweep, the kernel as `attend` calls it compiled with each (num_warps,
-   num_stages) of `LAUNCHES` at 16K, bidirectional and causal (`pallas_kernel.launch_options`);
+   num_stages) of `LAUNCHES`, then with each dk/dv list piece of `PIECES`, at 16K, bidirectional and
+   causal (`pallas_kernel.launch_options`);
    `benchmarks/triton_sm90.py` gives the same programs' registers and shared memory without a GPU.
 
 Writes OUT_DIR/check.json (or tune.json) and prints a short table. Exit status 1 if a correctness
@@ -221,22 +222,34 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeat
 
 # (num_warps, num_stages) tried by the launch sweep; the default at blocks of 64 and head dim 64 is (4, 2)
 LAUNCHES = ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3))
+PIECES = (64,)  # dk/dv list pieces tried beside the default `LIST_PIECE`, at the default launch
 
 
-def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launches=LAUNCHES, repeats=20, warmup=3):
+def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launches=LAUNCHES, pieces=PIECES,
+                 repeats=20, warmup=3):
     """The fused kernel as `attend` calls it (reading `[B, T, H, D]` in place, rsa's budget) compiled
-    with each (num_warps, num_stages): forward and forward+backward medians, and which is fastest.
-    A launch that fails to compile or run is recorded and the others still run."""
+    with each (num_warps, num_stages), then at the default launch with each dk/dv list piece of
+    `pieces` (`piece N`; its global block is chosen by every query block, so its inverted list is the
+    long one pieces cut): forward and forward+backward medians, and which is fastest. Each variant's
+    float32 partial-sum buffers (dk and dv, sized for the worst case) are recorded beside its time.
+    A variant that fails to compile or run is recorded and the others still run."""
     sel, pairs = rsa_like_selection(T, b=b, H=H, causal=causal)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(key, (1, T, H, D), dtype) for key in keys[:3])
     w = jax.random.normal(keys[3], (1, H, T, D), jnp.float32)
-    default = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False).params(D)
+    plan = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False)
+    default = plan.params(D)
+    slots = sel.idx.shape[2] * sel.idx.shape[3]
+
+    def partial_sums_mib(piece: int) -> float:  # [B, Hk, ceil(n K / piece), b, D] float32, dk and dv
+        return 2 * sel.idx.shape[1] * -(-slots // piece) * b * D * 4 / 2**20
+
     row = {"T": T, "causal": causal, "block": b, "head_dim": D, "pairs": pairs,
-           "default": f"{default.num_warps}x{default.num_stages}", "launches": {}}
-    for warps, stages in launches:
-        name = f"{warps}x{stages}"
-        with pallas_kernel.launch_options(warps, stages):  # read while tracing: the first call is inside
+           "default": f"{default.num_warps}x{default.num_stages}", "default_piece": plan.piece, "launches": {}}
+    variants = [(f"{warps}x{stages}", dict(num_warps=warps, num_stages=stages)) for warps, stages in launches]
+    variants += [(f"piece {piece}", dict(list_piece=piece)) for piece in pieces if piece != plan.piece]
+    for name, options in variants:
+        with pallas_kernel.launch_options(**options):  # read while tracing: the first call is inside
             def fwd(q, k, v):  # noqa: ANN001, ANN202
                 return pallas_kernel.fused_block_attention(causal, q, k, v, sel, layout="BTHD", scale=D**-0.5)[0]
 
@@ -245,6 +258,7 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
                 row["launches"][name] = {
                     "fwd_ms": _median_ms(jax.jit(fwd), q, k, v, repeats=repeats, warmup=warmup),
                     "fwd_bwd_ms": _median_ms(jax.jit(grad), q, k, v, repeats=repeats, warmup=warmup),
+                    "partial_sums_mib": partial_sums_mib(options.get("list_piece", plan.piece)),
                 }
             except Exception as e:  # noqa: BLE001
                 row["launches"][name] = {"error": f"{type(e).__name__}: {e}"}
@@ -272,6 +286,12 @@ def tune(out_dir: str) -> int:
         print(f"T={row['T']} {'causal' if row['causal'] else 'bidir'}: default {row['default']}; fastest fwd "
               f"{row.get('best_fwd_ms')} ({row.get('best_vs_default_fwd_ms', float('nan')):.2f}x the default), "
               f"fwd+bwd {row.get('best_fwd_bwd_ms')} ({row.get('best_vs_default_fwd_bwd_ms', float('nan')):.2f}x)")
+        base = row["launches"].get(row["default"], {})
+        for name, r in row["launches"].items():
+            if name.startswith("piece") and "fwd_bwd_ms" in r and "fwd_bwd_ms" in base:
+                print(f"T={row['T']} {'causal' if row['causal'] else 'bidir'}: {name}: fwd+bwd "
+                      f"{r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x the time of piece {row['default_piece']}, "
+                      f"partial sums {r['partial_sums_mib']:.0f} MiB (against {base['partial_sums_mib']:.0f})")
     return 0
 
 

@@ -67,6 +67,8 @@ MAX_TILE_ELEMENTS = 128 * 128
 _TARGET: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("sparseformer_pallas", default=None)
 # (num_warps, num_stages) forced by `launch_options`
 _LAUNCH: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("sparseformer_launch", default=None)
+# entries of an inverted-list piece forced by `launch_options(list_piece=...)`
+_PIECE: contextvars.ContextVar[int | None] = contextvars.ContextVar("sparseformer_piece", default=None)
 
 
 @contextlib.contextmanager
@@ -162,6 +164,8 @@ class Plan:
     # Triton): no head-major copies of the inputs; q is scaled by `scale` as it is loaded
     bthd: bool = False
     scale: float = 1.0
+    piece: int = LIST_PIECE  # entries of an inverted list a dk/dv program walks at most
+
 
     @property
     def rows(self) -> int:
@@ -184,16 +188,25 @@ class Plan:
 
 
 @contextlib.contextmanager
-def launch_options(num_warps: int, num_stages: int):
+def launch_options(num_warps: int | None = None, num_stages: int | None = None, *, list_piece: int | None = None):
     """Compile the Triton programs traced inside with these launch options instead of the defaults
-    (4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; 2 pipeline stages): for tuning
-    them on a GPU (`benchmarks/gpu_check.py`'s launch sweep) and reading their static cost
-    (`benchmarks/triton_sm90.py`)."""
-    token = _LAUNCH.set((int(num_warps), int(num_stages)))
+    (4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; 2 pipeline stages), and/or cut the
+    dk/dv inverted lists into pieces of `list_piece` entries instead of `LIST_PIECE` (larger pieces:
+    smaller float32 partial sums, `ceil(n * K / piece)` blocks of each, but a long list keeps fewer
+    programs busy): for tuning them on a GPU (`benchmarks/gpu_check.py`'s launch sweep) and reading
+    their static cost (`benchmarks/triton_sm90.py`). Warps and stages are given together or not at all."""
+    if (num_warps is None) != (num_stages is None):
+        raise ValueError("launch_options: give num_warps and num_stages together")
+    if list_piece is not None and list_piece < 1:
+        raise ValueError(f"launch_options: list_piece {list_piece!r}; allowed: an integer >= 1")
+    tokens = [(_LAUNCH, _LAUNCH.set((int(num_warps), int(num_stages))))] if num_warps is not None else []
+    if list_piece is not None:
+        tokens.append((_PIECE, _PIECE.set(int(list_piece))))
     try:
         yield
     finally:
-        _LAUNCH.reset(token)
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mask: bool, dtype=None) -> Plan:
@@ -218,6 +231,7 @@ def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mas
         has_mask=has_mask,
         interpret=interpret,
         tpu=family == "tpu",
+        piece=_PIECE.get() or LIST_PIECE,  # the module constant read now: tests shrink it
     )
 
 
@@ -242,16 +256,17 @@ def forward_lists(plan: Plan, idx, valid, row_start, qids):
 
 
 def inverted_lists(plan: Plan, idx, valid, row_start):
-    """For each key block, the query blocks that chose it, cut into pieces of `LIST_PIECE`.
+    """For each key block, the query blocks that chose it, cut into pieces of `plan.piece`
+    (`LIST_PIECE` unless `launch_options` says otherwise).
 
     Returns `pieces [B, Hk, P, 4]` int32 rows `(key block, first entry, end entry, later)` for the
-    `P = m + ceil(n*K / LIST_PIECE)` programs (a key block's first piece is program `j`, `later` 1
+    `P = m + ceil(n*K / piece)` programs (a key block's first piece is program `j`, `later` 1
     when further pieces follow it; the pieces after the first follow, in key-block order, `later` 0;
     unused programs have an empty range), and
     `entries [B, Hk, E]` int32: the sorted query blocks (then their row starts), `E` a power of two.
     """
     B, Hk, n, K = idx.shape
-    m, piece = plan.num_key_blocks, LIST_PIECE
+    m, piece = plan.num_key_blocks, plan.piece
     nk = n * K
     qblock = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, K))
     key = jnp.where(valid, idx * n + qblock, m * n).reshape(B, Hk, nk)  # sorted by block, then query

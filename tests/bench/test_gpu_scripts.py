@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -224,9 +225,13 @@ def test_triton_sm90_occupancy_follows_the_sm90_limits():
 
 
 def test_launch_sweep_times_each_launch_and_names_the_fastest():
-    row = gpu_check.launch_sweep(256, H=2, dtype=jnp.float32, launches=((4, 1), (4, 2)), repeats=1, warmup=0)
-    assert row["default"] == "4x2" and set(row["launches"]) == {"4x1", "4x2"}
+    row = gpu_check.launch_sweep(256, H=2, dtype=jnp.float32, launches=((4, 1), (4, 2)), pieces=(2,),
+                                 repeats=1, warmup=0)
+    assert row["default"] == "4x2" and set(row["launches"]) == {"4x1", "4x2", "piece 2"}
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in row["launches"].values()), row
+    # n K = 8 query blocks x 8 slots: ceil(64 / 16) pieces of partial sums by default, 32 in pieces of 2
+    parts = {name: r["partial_sums_mib"] for name, r in row["launches"].items()}
+    assert parts["piece 2"] == 8 * parts["4x2"] == 8 * parts["4x1"] > 0, parts
     assert row["best_fwd_bwd_ms"] in row["launches"] and row["best_vs_default_fwd_bwd_ms"] >= 1.0
     json.dumps(row)
 
@@ -240,6 +245,39 @@ def test_launch_options_reach_the_gpu_programs():
     with pallas_kernel.launch_options(8, 3):
         programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512))
     assert len(programs) == 4 and all((p["num_warps"], p["num_stages"]) == (8, 3) for p in programs)
+    with pytest.raises(ValueError, match="num_warps and num_stages together"):
+        with pallas_kernel.launch_options(8):
+            pass
+
+
+def test_list_piece_option_reaches_the_plan_and_keeps_the_result():
+    """`launch_options(list_piece=)` (the sweep's other knob) cuts the dk/dv inverted lists into
+    pieces of that many entries (more, smaller partial sums for small pieces), and the gradients do
+    not change beyond float32 summation order."""
+    import jax
+
+    from sparseformer.attention import pallas_kernel
+
+    T, b, H, D = 512, 32, 2, 16
+    sel, _ = gpu_check.rsa_like_selection(T, b=b, H=H)  # its global block: a list of all 16 query blocks
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (1, T, H, D), jnp.float32) for key in keys)
+
+    def grads(q, k, v):
+        return jax.grad(lambda q, k, v: jnp.sum(pallas_kernel.fused_block_attention(
+            False, q, k, v, sel, layout="BTHD")[0] ** 2), argnums=(0, 1, 2))(q, k, v)
+
+    results = {}
+    for piece in (None, 4):
+        with pallas_kernel.launch_options(list_piece=piece):
+            plan = pallas_kernel.make_plan(False, sel, num_heads=H, head_dim=D, has_mask=False)
+            pieces, _ = pallas_kernel.inverted_lists(plan, sel.idx[:, :1], sel.valid[:, :1], None)
+            results[piece] = (plan.piece, pieces.shape[2], jax.jit(grads)(q, k, v))
+    n, K = sel.idx.shape[2:]
+    assert results[None][:2] == (pallas_kernel.LIST_PIECE, n + n * K // 16)
+    assert results[4][:2] == (4, n + n * K // 4)
+    for a, c in zip(results[None][2], results[4][2], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
 
 
 def test_dkv_kernels_drop_pipelining_when_a_group_spans_tiles():
