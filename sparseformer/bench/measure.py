@@ -10,7 +10,8 @@ The peak-memory probe runs one case in a fresh process (`python -m sparseformer.
 it builds the inputs, compiles, resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), runs
 the case once and reports the peak resident memory minus the resident memory just before the run
 (so imports, inputs and the compiler's own memory are excluded). On a GPU it reports the device's
-peak bytes in use instead.
+peak bytes in use instead (inputs included; flagged `peak_upper_bound` when compiling had already
+reached a higher peak than the run, as the device's peak cannot be reset).
 """
 
 from __future__ import annotations
@@ -157,16 +158,27 @@ def _reset_peak_rss() -> bool:
 def peak_memory_of(run: Callable[[], Any]) -> dict[str, Any]:
     """The peak memory of one call of `run()` (already compiled, its inputs built), in this process.
 
-    On a GPU: the device's peak bytes in use. On CPU: the peak resident memory during the call minus
+    On a GPU: the device's peak bytes in use (`peak_upper_bound` when the call did not rise above the
+    peak reached before it). On CPU: the peak resident memory during the call minus
     the resident memory just before it (`VmHWM` after `clear_refs`), or, where that counter cannot be
     reset, the growth of the lifetime peak (compilation may then hide part of the call's peak).
     `run` must block until its outputs are ready.
     """
     gc.collect()
     if jax.default_backend() == "gpu":
+        device = jax.devices()[0]
+        before = device.memory_stats() or {}
         run()
-        stats = jax.devices()[0].memory_stats() or {}
-        return {"peak_rss_bytes": None, "peak_device_bytes": int(stats.get("peak_bytes_in_use", 0)), "how": "device peak"}
+        after = device.memory_stats() or {}
+        peak, earlier = int(after.get("peak_bytes_in_use", 0)), int(before.get("peak_bytes_in_use", 0))
+        # the device peak cannot be reset: if the call never rose above what compiling (XLA's
+        # autotuning allocates on the device) or earlier work reached, the peak is only an upper
+        # bound of the call's. benchmarks/gpu.sh shares JAX's compilation cache with the probes so
+        # they load the program the benchmark compiled instead of compiling (and autotuning) again.
+        upper = peak <= earlier
+        return {"peak_rss_bytes": None, "peak_device_bytes": peak, "device_bytes_before": int(before.get("bytes_in_use", 0)),
+                "device_peak_before": earlier, "peak_upper_bound": upper,
+                "how": "device peak before the call (an upper bound of the call's)" if upper else "device peak"}
     if _reset_peak_rss() and (base := _status_bytes("VmRSS")) is not None:
         run()
         peak = _status_bytes("VmHWM") or base

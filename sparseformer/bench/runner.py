@@ -270,6 +270,7 @@ def _probe_rss(records: list[dict[str, Any]], o: BenchOptions, progress: Any) ->
         rec["peak_rss_bytes"] = report.get("peak_rss_bytes")
         if report.get("peak_device_bytes") is not None:
             rec["peak_device_bytes"] = report["peak_device_bytes"]
+            rec["peak_upper_bound"] = bool(report.get("peak_upper_bound"))
         if "error" in report:
             rec["peak_rss_error"] = report["error"]
         progress.update(1)

@@ -111,6 +111,40 @@ def test_gpu_report_shows_device_peak_and_no_empty_rss_table() -> None:
     assert "Peak RSS growth" not in md
 
 
+class _FakeGpu:
+    """A device whose `memory_stats` returns scripted values: before and after the call."""
+
+    def __init__(self, *stats):
+        self.stats = list(stats)
+
+    def memory_stats(self):
+        return self.stats.pop(0)
+
+
+@pytest.mark.parametrize("compile_peak,upper", [(3 << 20, False), (9 << 20, True)])
+def test_gpu_peak_is_flagged_when_compiling_reached_more(monkeypatch, compile_peak, upper) -> None:
+    """The device peak cannot be reset: if compiling (XLA autotunes on the device) had already
+    reached more than the call, the probe says its number is only an upper bound, and the report
+    marks it `<=`."""
+    import jax
+
+    device = _FakeGpu({"bytes_in_use": 1 << 20, "peak_bytes_in_use": compile_peak},
+                      {"bytes_in_use": 1 << 20, "peak_bytes_in_use": max(compile_peak, 5 << 20)})
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [device])
+    calls = []
+    rep = measure.peak_memory_of(lambda: calls.append(1))
+    assert calls == [1] and rep["peak_upper_bound"] is upper and rep["device_bytes_before"] == 1 << 20
+    assert rep["peak_device_bytes"] == max(compile_peak, 5 << 20) and ("upper bound" in rep["how"]) is upper
+    base = {"length": 8, "pass": "fwd", "compiled_bytes": 100, "peak_rss_bytes": None, "flops": None}
+    rows = [dict(base, preset="dense", median_ms=1.0, peak_device_bytes=10 * 2**20),
+            dict(base, preset="rsa", median_ms=0.5, peak_device_bytes=rep["peak_device_bytes"],
+                 peak_upper_bound=rep["peak_upper_bound"])]
+    report.add_ratios(rows)
+    cell = report.markdown({"results": rows, "machine": {}, "options": {}}).split("Peak device memory")[1]
+    assert ("| rsa | <=" in cell) is upper, cell
+
+
 def test_quick_and_explicit_flags() -> None:
     quick = cli.options_dict(["--quick", "--out=x"])
     assert quick["lengths"] == cli.QUICK["lengths"] and quick["repeats"] == cli.QUICK["repeats"]

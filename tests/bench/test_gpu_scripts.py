@@ -67,7 +67,7 @@ def _gpu_sh_calls(tmp_path: Path, *, check_fails: bool) -> list[list[str]]:
         f"#!{sys.executable}\n"
         "import json, os, sys\n"
         "with open(os.environ['GPU_SH_RECORD'], 'a') as f:\n"
-        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "    f.write(json.dumps([sys.argv[1:], os.environ.get('JAX_COMPILATION_CACHE_DIR')]) + '\\n')\n"
         "sys.exit(1 if os.environ.get('GPU_SH_FAIL_CHECK') and sys.argv[1:2] == ['benchmarks/gpu_check.py'] else 0)\n"
     )
     fake.chmod(0o755)
@@ -80,7 +80,11 @@ def _gpu_sh_calls(tmp_path: Path, *, check_fails: bool) -> list[list[str]]:
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
     assert (out / "results.tar.gz").exists() and (out / "summary.txt").exists()
-    return [json.loads(line) for line in record.read_text().splitlines()]
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    # every process shares one compilation cache (the memory probes load what the bench compiled)
+    caches = {cache for argv, cache in calls if argv[:2] != ["-m", "pip"]}
+    assert caches == {str(tmp_path / "sparseformer-gpu-jax-cache")}, calls
+    return [argv for argv, _ in calls]
 
 
 @pytest.mark.parametrize("check_fails", [False, True], ids=["kernel-ok", "kernel-check-fails"])
