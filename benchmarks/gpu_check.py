@@ -3,7 +3,8 @@
     python benchmarks/gpu_check.py OUT_DIR          (part of benchmarks/gpu.sh; needs a CUDA GPU)
     python benchmarks/gpu_check.py OUT_DIR --tune   (4. alone: gpu.sh's last stage)
 
-1. Correctness: the compiled Pallas kernel against the `scan` kernel on the same `Selection`
+1. Correctness (`sparseformer kernel-check --standard`, `sparseformer.attention.kernel_check`): the
+   compiled Pallas kernel against the `scan` kernel on the same `Selection`
    (random, with unused slots, repeated global blocks and row starts), outputs, log-sum-exps and
    dq/dk/dv, bfloat16 and float32, bidirectional with padding and causal, GQA; relative errors.
 2. Determinism: the backward pass twice on the same inputs, compared bit for bit.
@@ -26,7 +27,6 @@ check fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -38,89 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer.attention import pallas_kernel
-from sparseformer.attention.kernel_check import random_selection, scan_block_attention
+from sparseformer.attention.kernel_check import CHECK_CASES, check, scan_block_attention
 from sparseformer.attention.selection import Selection
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-# the correctness cases (`check`'s arguments); `benchmarks/triton_sm90.py` compiles the same for sm_90
-CHECK_CASES = [
-    dict(name="bf16 bidir padding gqa rowstart b64 d64", T=4096, b=64, D=64, H=8, G=2, dtype=jnp.bfloat16,
-         causal=False, padding=True, row_starts=True),
-    dict(name="bf16 causal b128 d128", T=4096, b=128, D=128, H=4, G=1, dtype=jnp.bfloat16, causal=True,
-         padding=False, row_starts=False),
-    dict(name="f32 causal gqa b64 d128", T=2048, b=64, D=128, H=8, G=4, dtype=jnp.float32, causal=True,
-         padding=True, row_starts=False, precision="highest"),  # TF32 by default: full float32 to compare
-    dict(name="f16 bidir b128 d64", T=2048, b=128, D=64, H=4, G=1, dtype=jnp.float16, causal=False,
-         padding=False, row_starts=True),
-    # q, k, v read in place from [B, T, H, D] (what attend passes on a GPU; one head a tile)
-    dict(name="bf16 bidir padding b64 d64 in place", T=4096, b=64, D=64, H=8, G=1, dtype=jnp.bfloat16,
-         causal=False, padding=True, row_starts=True, layout="BTHD"),
-    dict(name="bf16 causal gqa b128 d128 in place", T=4096, b=128, D=128, H=4, G=2, dtype=jnp.bfloat16,
-         causal=True, padding=False, row_starts=False, layout="BTHD"),
-]
-
-
-def case_grads(*, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0):
-    """A correctness case's inputs `(q, k, v)` (head-major) and the value-and-gradient functions
-    (not jitted) of one loss through the fused kernel and through the `scan` kernel."""
-    rng = np.random.default_rng(seed)
-    B, n, Hk = 1, T // b, H // G
-    keys = jax.random.split(jax.random.key(seed), 5)
-    qh = (jax.random.normal(keys[0], (B, H, T, D)) * D**-0.25).astype(dtype)
-    kh = (jax.random.normal(keys[1], (B, Hk, T, D)) * D**-0.25).astype(dtype)
-    vh = jax.random.normal(keys[2], (B, Hk, T, D)).astype(dtype)
-    w_out = jax.random.normal(keys[3], (B, H, T, D))
-    w_lse = jax.random.normal(keys[4], (B, H, T))
-    kv_mask = jnp.ones((B, T), bool).at[0, T - b // 2 :].set(False) if padding else None
-    sel = random_selection(rng, B=B, Hk=Hk, G=G, n=n, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
-
-    def fused(q, k, v):
-        if layout == "BTHD":
-            q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * 2, k, v))
-            return pallas_kernel.fused_block_attention(causal, q, k, v, sel, kv_mask, layout="BTHD", scale=0.5)
-        return pallas_kernel.fused_block_attention(causal, q, k, v, sel, kv_mask)
-
-    def scan(q, k, v):
-        return scan_block_attention(causal, q, k, v, sel, kv_mask)
-
-    def grads(fn):
-        def loss(q, k, v):
-            out, lse = fn(q, k, v)
-            return jnp.sum(out * w_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * w_lse), (out, lse)
-
-        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-
-    return (qh, kh, vh), grads(fused), grads(scan)
-
-
-def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0, precision=None):
-    """One case; `layout="BTHD"` gives the kernel q, k, v in `attend`'s own layout, read in place (q
-    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged). `precision`:
-    JAX's matmul precision for both kernels (float32 runs TF32 by default on a GPU, in the fused
-    kernel and in XLA's alike, but not rounded alike: "highest" compares them at full float32)."""
-    (qh, kh, vh), fused_grads, scan_grads = case_grads(
-        T=T, b=b, D=D, H=H, G=G, dtype=dtype, causal=causal, padding=padding, row_starts=row_starts, layout=layout,
-        seed=seed)
-    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():  # read while tracing
-        gf, gs = jax.jit(fused_grads), jax.jit(scan_grads)
-        (_, (out_f, lse_f)), d_f = gf(qh, kh, vh)
-        (_, (out_s, lse_s)), d_s = gs(qh, kh, vh)
-        (_, _), d_f2 = gf(qh, kh, vh)
-    errs = {"out": _rel(out_f, out_s), "lse": _rel(lse_f, lse_s)}
-    errs.update({f"d{x}": _rel(a, c) for x, a, c in zip("qkv", d_f, d_s)})
-    deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(d_f, d_f2))
-    tol = 1e-4 if dtype == jnp.float32 else 3e-2
-    ok = all(e < tol for e in errs.values()) and deterministic and all(
-        bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in d_f)
-    return {"name": name, "layout": layout, "T": T, "block": b, "head_dim": D, "heads": H, "group": G,
-            "dtype": jnp.dtype(dtype).name, "precision": precision or "default",
-            "causal": causal, "padding": padding, "row_starts": row_starts, "errors": errs,
-            "deterministic": deterministic, "tolerance": tol, "ok": ok}
 
 
 def _median_ms(fn, *args, repeats=20, warmup=3):

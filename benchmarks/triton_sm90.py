@@ -13,7 +13,7 @@ matmuls use Hopper's wgmma instructions, and the programs one SM can hold at onc
 registers, 228 KiB shared memory of which 227 KiB for one program, 64 warps, 32 programs per SM).
 The benchmark's shape is compiled once more with each launch (num_warps, num_stages) that the GPU
 stage's sweep times (`gpu_check.LAUNCHES`), so its timings can be read beside these costs, and every
-correctness case of `gpu_check.py` (`CHECK_CASES`) is compiled as the check runs it.
+correctness case of `gpu_check.py` (`kernel_check.CHECK_CASES`) is compiled as the check runs it.
 
 What it cannot say: the speed (only a GPU measures that), and whether XLA's own Triton build (the one
 the GPU machine's jaxlib bundles) compiles the IR the same way; this is the `triton` package's build
@@ -129,12 +129,13 @@ def triton_programs(case: Case) -> list[dict[str, Any]]:
 
 
 def check_programs(case: dict[str, Any]) -> list[dict[str, Any]]:
-    """The programs of one of `gpu_check.CHECK_CASES`: the fused kernel's forward+backward exactly as
-    the GPU check runs it (its layout, dtype, mask, row starts and matmul precision)."""
-    import gpu_check
+    """The programs of one of `kernel_check.CHECK_CASES` (what gpu_check.py checks): the fused
+    kernel's forward+backward exactly as the GPU check runs it (its layout, dtype, mask, row starts
+    and matmul precision)."""
+    from sparseformer.attention import kernel_check
 
     args = {k: v for k, v in case.items() if k not in ("name", "precision")}
-    (q, k, v), fused_grads, _ = gpu_check.case_grads(**args)
+    (q, k, v), fused_grads, _ = kernel_check.case_grads(**args)
     return lowered_programs(fused_grads, q, k, v, precision=case.get("precision"))
 
 
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print("triton_sm90.py: needs the `triton` package (pip install triton; about 1 GB, no GPU needed)",
               file=sys.stderr)
         return 2
-    from gpu_check import CHECK_CASES, LAUNCHES  # what the GPU stage checks and sweeps
+    from gpu_check import LAUNCHES  # what the GPU stage sweeps
+
+    from sparseformer.attention.kernel_check import CHECK_CASES  # and checks
 
     runs = [(case.label, dataclasses.asdict(case), lambda case=case: triton_programs(case)) for case in CASES]
     for warps, stages in LAUNCHES:

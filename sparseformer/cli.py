@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sweep": ("sparseformer.sweep.cli", "sweep_main", "run a named sweep of a config over seeds"),
     "table": ("sparseformer.sweep.cli", "table_main", "turn a sweep's metrics into tables and a plot"),
     "bench": ("sparseformer.bench.cli", "bench_main", "benchmark attention presets against dense attention"),
+    "kernel-check": ("sparseformer.attention.kernel_check", "kernel_check_main",
+                     "check the fused attention kernel against the reference on this device"),
     "predict": ("sparseformer.infer.cli", "predict_main", "predict with a trained run or an exported model (JSON Lines in and out)"),
     "export": ("sparseformer.infer.cli", "export_main", "serialize a trained run with jax.export (runs with jax and numpy alone)"),
     "demo": ("sparseformer.demo", "demo_main", "the main job on built-in data (what `make demo` runs)"),

@@ -1,13 +1,33 @@
-"""What the kernel tests (`tests/attention/test_pallas.py`, interpret mode on a CPU) and the GPU
-check (`benchmarks/gpu_check.py`, compiled on a GPU) both compare the fused kernel against: a random
-`Selection` with the awkward cases in it, and the `scan` kernel in the fused kernel's layout."""
+"""The fused kernel against the `scan` kernel on this device: `sparseformer kernel-check`.
+
+    sparseformer kernel-check [--dtype=bfloat16] [--head-dim=64] [--block-size=64] [--heads=8]
+        [--kv-heads=8] [--length=4096] [--causal] [--padding] [--row-starts] [--out=FILE.json]
+    sparseformer kernel-check --standard      (the six cases `benchmarks/gpu.sh` checks)
+
+Before training with `selection.kernel = "pallas"` (what `auto` takes on a GPU), a practitioner can
+check that the compiled kernel agrees with the reference on their device, JAX and shapes: outputs,
+log-sum-exps and dq/dk/dv of one loss on a random `Selection` with the awkward cases in it (unused
+slots, a key block every query block chose, row starts, padding), relative errors against the
+`scan` kernel, and the backward pass run twice and compared bit for bit (the trainer's
+resume-equals-uninterrupted promise). Exit status 1 on a failure, with what to do instead. On a CPU
+the kernel runs in Pallas' interpret mode (small default shapes; slow).
+
+The same pieces serve the kernel tests (`tests/attention/test_pallas.py`, interpret mode) and the
+GPU stage (`benchmarks/gpu_check.py`).
+"""
 
 from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparseformer.attention.pallas_kernel import fused_block_attention, unsupported_reason
 from sparseformer.attention.selection import Selection, block_sparse_attention, to_blocks
 
 
@@ -46,3 +66,174 @@ def scan_block_attention(causal: bool, q_BHTD: jax.Array, k_BHkSD: jax.Array, v_
     out, lse = block_sparse_attention(causal, to_blocks(q_BHTD, b), to_blocks(kr, b), to_blocks(vr, b),
                                       sel.idx, sel.valid, sel.row_start, kmask_b, sel.qids)
     return out.reshape(B, H, T, D), lse.reshape(B, H, T)
+
+
+def rel_error(a, b) -> float:
+    """`||a - b|| / ||b||` in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# The GPU check's correctness cases (`check`'s arguments; `sparseformer kernel-check --standard`, `benchmarks/gpu_check.py`);
+# `benchmarks/triton_sm90.py` compiles the same for sm_90.
+CHECK_CASES = [
+    dict(name="bf16 bidir padding gqa rowstart b64 d64", T=4096, b=64, D=64, H=8, G=2, dtype=jnp.bfloat16,
+         causal=False, padding=True, row_starts=True),
+    dict(name="bf16 causal b128 d128", T=4096, b=128, D=128, H=4, G=1, dtype=jnp.bfloat16, causal=True,
+         padding=False, row_starts=False),
+    dict(name="f32 causal gqa b64 d128", T=2048, b=64, D=128, H=8, G=4, dtype=jnp.float32, causal=True,
+         padding=True, row_starts=False, precision="highest"),  # TF32 by default: full float32 to compare
+    dict(name="f16 bidir b128 d64", T=2048, b=128, D=64, H=4, G=1, dtype=jnp.float16, causal=False,
+         padding=False, row_starts=True),
+    # q, k, v read in place from [B, T, H, D] (what attend passes on a GPU; one head a tile)
+    dict(name="bf16 bidir padding b64 d64 in place", T=4096, b=64, D=64, H=8, G=1, dtype=jnp.bfloat16,
+         causal=False, padding=True, row_starts=True, layout="BTHD"),
+    dict(name="bf16 causal gqa b128 d128 in place", T=4096, b=128, D=128, H=4, G=2, dtype=jnp.bfloat16,
+         causal=True, padding=False, row_starts=False, layout="BTHD"),
+]
+
+
+def case_grads(*, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0):
+    """A correctness case's inputs `(q, k, v)` (head-major) and the value-and-gradient functions
+    (not jitted) of one loss through the fused kernel and through the `scan` kernel."""
+    rng = np.random.default_rng(seed)
+    B, n, Hk = 1, T // b, H // G
+    keys = jax.random.split(jax.random.key(seed), 5)
+    qh = (jax.random.normal(keys[0], (B, H, T, D)) * D**-0.25).astype(dtype)
+    kh = (jax.random.normal(keys[1], (B, Hk, T, D)) * D**-0.25).astype(dtype)
+    vh = jax.random.normal(keys[2], (B, Hk, T, D)).astype(dtype)
+    w_out = jax.random.normal(keys[3], (B, H, T, D))
+    w_lse = jax.random.normal(keys[4], (B, H, T))
+    kv_mask = jnp.ones((B, T), bool).at[0, T - b // 2 :].set(False) if padding else None
+    sel = random_selection(rng, B=B, Hk=Hk, G=G, n=n, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
+
+    def fused(q, k, v):
+        if layout == "BTHD":
+            q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * 2, k, v))
+            return fused_block_attention(causal, q, k, v, sel, kv_mask, layout="BTHD", scale=0.5)
+        return fused_block_attention(causal, q, k, v, sel, kv_mask)
+
+    def scan(q, k, v):
+        return scan_block_attention(causal, q, k, v, sel, kv_mask)
+
+    def grads(fn):
+        def loss(q, k, v):
+            out, lse = fn(q, k, v)
+            return jnp.sum(out * w_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * w_lse), (out, lse)
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+
+    return (qh, kh, vh), grads(fused), grads(scan)
+
+
+def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0, precision=None):
+    """One case; `layout="BTHD"` gives the kernel q, k, v in `attend`'s own layout, read in place (q
+    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged). `precision`:
+    JAX's matmul precision for both kernels (float32 runs TF32 by default on a GPU, in the fused
+    kernel and in XLA's alike, but not rounded alike: "highest" compares them at full float32)."""
+    (qh, kh, vh), fused_grads, scan_grads = case_grads(
+        T=T, b=b, D=D, H=H, G=G, dtype=dtype, causal=causal, padding=padding, row_starts=row_starts, layout=layout,
+        seed=seed)
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():  # read while tracing
+        gf, gs = jax.jit(fused_grads), jax.jit(scan_grads)
+        (_, (out_f, lse_f)), d_f = gf(qh, kh, vh)
+        (_, (out_s, lse_s)), d_s = gs(qh, kh, vh)
+        (_, _), d_f2 = gf(qh, kh, vh)
+    errs = {"out": rel_error(out_f, out_s), "lse": rel_error(lse_f, lse_s)}
+    errs.update({f"d{x}": rel_error(a, c) for x, a, c in zip("qkv", d_f, d_s)})
+    deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(d_f, d_f2))
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    ok = all(e < tol for e in errs.values()) and deterministic and all(
+        bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in d_f)
+    return {"name": name, "layout": layout, "T": T, "block": b, "head_dim": D, "heads": H, "group": G,
+            "dtype": jnp.dtype(dtype).name, "precision": precision or "default",
+            "causal": causal, "padding": padding, "row_starts": row_starts, "errors": errs,
+            "deterministic": deterministic, "tolerance": tol, "ok": ok}
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _parser() -> argparse.ArgumentParser:
+    on_gpu = jax.default_backend() == "gpu"
+    p = argparse.ArgumentParser(
+        prog="sparseformer kernel-check", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[1].split("\n\nThe same pieces", 1)[0])
+    p.add_argument("--standard", action="store_true", help="the six cases benchmarks/gpu.sh checks (GPU sizes) "
+                   "instead of one case from the flags below")
+    p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--head-dim", type=int, default=64 if on_gpu else 32)
+    p.add_argument("--block-size", type=int, default=64 if on_gpu else 32, help="selection.block_size")
+    p.add_argument("--heads", type=int, default=8 if on_gpu else 4, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads; fewer: GQA)")
+    p.add_argument("--length", type=int, default=4096 if on_gpu else 256, help="tokens")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--padding", action="store_true", help="mask the last half block of keys")
+    p.add_argument("--row-starts", action="store_true", help="slots that serve their query block from a row on")
+    p.add_argument("--out", help="also write the report to this JSON file")
+    return p
+
+
+def case_from_args(a: argparse.Namespace) -> dict:
+    """One `check` case from the command line; a bad value raises ValueError naming the flag, the
+    value and what is allowed, before anything compiles."""
+    if a.dtype not in DTYPES:
+        raise ValueError(f"--dtype: {a.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    kv_heads = a.kv_heads or a.heads
+    for flag, value in (("--heads", a.heads), ("--kv-heads", kv_heads), ("--length", a.length)):
+        if value < 1:
+            raise ValueError(f"{flag}: {value} is not allowed; allowed: a positive integer")
+    if a.heads % kv_heads:
+        raise ValueError(f"--kv-heads: {kv_heads} is not allowed; allowed: a divisor of --heads ({a.heads})")
+    dtype = jnp.dtype(a.dtype)
+    reason = unsupported_reason(a.block_size, a.head_dim, dtype, compiled_gpu=jax.default_backend() == "gpu")
+    if reason:
+        flag = "--block-size" if reason.startswith("selection.block_size") else "--head-dim"
+        raise ValueError(f"{flag}: {reason}")
+    if a.length % a.block_size or a.length < 2 * a.block_size:
+        raise ValueError(f"--length: {a.length} is not allowed; allowed: a multiple of --block-size "
+                         f"({a.block_size}), at least two blocks")
+    name = (f"{a.dtype} {'causal' if a.causal else 'bidir'}{' padding' if a.padding else ''}"
+            f"{' rowstart' if a.row_starts else ''} T{a.length} b{a.block_size} d{a.head_dim} "
+            f"{a.heads}/{kv_heads} heads")
+    return dict(name=name, T=a.length, b=a.block_size, D=a.head_dim, H=a.heads, G=a.heads // kv_heads,
+                dtype=dtype, causal=a.causal, padding=a.padding, row_starts=a.row_starts,
+                # what `attend` passes on a GPU with one query head a tile; GQA tiles are head-major
+                layout="BTHD" if kv_heads == a.heads else "BHTD",
+                precision="highest" if dtype == jnp.float32 else None)  # float32 runs TF32 by default on a GPU
+
+
+def kernel_check_main(argv: list[str]) -> int:
+    """`sparseformer kernel-check`: exit 0 when every case agrees and is deterministic, 1 otherwise."""
+    a = _parser().parse_args(argv)
+    try:
+        cases = CHECK_CASES if a.standard else [case_from_args(a)]
+    except ValueError as e:
+        print(f"sparseformer kernel-check: {e}", file=sys.stderr)
+        return 2
+    where = f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
+    interpreted = jax.default_backend() not in ("gpu", "tpu")
+    print(f"the fused kernel against the scan kernel on {where}"
+          + (": interpreted (Pallas interpret mode), slow" if interpreted else ""), flush=True)
+    results = []
+    for case in cases:
+        try:
+            r = check(**case)
+        except Exception as e:  # noqa: BLE001 (a kernel that fails to compile is a failed check)
+            r = {"name": case["name"], "ok": False, "error": f"{type(e).__name__}: {e}"}
+        results.append(r)
+        if "error" in r:
+            print(f"  FAILED {r['name']}: {r['error']}", flush=True)
+        else:
+            worst = max(r["errors"], key=r["errors"].get)
+            print(f"  {'ok    ' if r['ok'] else 'FAILED'} {r['name']}: largest relative error {r['errors'][worst]:.1e} "
+                  f"({worst}; tolerance {r['tolerance']:.0e}), backward "
+                  f"{'bit for bit twice' if r['deterministic'] else 'NOT deterministic'}", flush=True)
+    ok = all(r["ok"] for r in results)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": where, "ok": ok, "checks": results}, f, indent=1, default=str)
+    if not ok:
+        print("the fused kernel disagrees with the reference here: train with "
+              "model.attention.selection.kernel=scan (the same results, slower), and please report this", file=sys.stderr)
+    return 0 if ok else 1

@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import breakdown  # noqa: E402
 import gpu_check  # noqa: E402
 
+from sparseformer.attention import kernel_check  # noqa: E402
+
 
 def test_gpu_check_correctness_case_in_place_gqa_causal():
-    r = gpu_check.check("tiny", T=256, b=32, D=64, H=4, G=2, dtype=jnp.float32, causal=True, padding=True,
+    r = kernel_check.check("tiny", T=256, b=32, D=64, H=4, G=2, dtype=jnp.float32, causal=True, padding=True,
                         row_starts=True, layout="BTHD", precision="highest")
     assert r["ok"] and r["deterministic"] and r["precision"] == "highest", r
     assert set(r["errors"]) == {"out", "lse", "dq", "dk", "dv"}
@@ -209,7 +211,7 @@ def test_triton_sm90_lowers_the_gpu_checks_own_cases():
     check builds it: layout, mask, row starts and matmul precision included."""
     import triton_sm90
 
-    assert len(gpu_check.CHECK_CASES) == 6
+    assert len(kernel_check.CHECK_CASES) == 6
     tiny = dict(name="tiny", T=256, b=32, D=64, H=4, G=2, dtype=jnp.float32, causal=True, padding=True,
                 row_starts=True, layout="BTHD", precision="highest")
     programs = triton_sm90.check_programs(tiny)
