@@ -192,6 +192,24 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads):
     assert "f32" not in calls["sparseformer_block_sparse_dq"].split("->")[-1]  # dq too, either layout
 
 
+def test_a_decoding_step_lowers_for_the_gpu():
+    """A KV-cache decoding step (`query_block`, a traced block index: what the LM's cached decoding
+    and `sparseformer bench --model` run on a GPU) lowers to the fused forward program alone."""
+    T, H, D = 4096, 8, 64
+    c = presets.get("rsa")
+    c.selection.kernel = "pallas"
+    params = init_params(c, jax.random.key(7), num_heads=H, head_dim=D, max_len=T)
+    x = jax.ShapeDtypeStruct((1, T, H, D), jnp.bfloat16)
+
+    def step(q, k, v, i):
+        return attend(q, k, v, c, params=params, causal=True, query_block=i)[0]
+
+    with pallas_kernel.compile_for_gpu():
+        text = jax.jit(step).trace(x, x, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r'name = "(sparseformer_[a-z_]+)"', text) == ["sparseformer_block_sparse_fwd"]
+
+
 @pytest.mark.parametrize("block,head_dim,causal,padding,heads", [
     (64, 64, True, False, (8, 4)), (64, 128, False, True, (8, 4)), (128, 64, False, False, (16, 1)),
     (128, 128, True, True, (8, 8)),
