@@ -74,8 +74,8 @@ def rel_error(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-# The GPU check's correctness cases (`check`'s arguments; `sparseformer kernel-check --standard`, `benchmarks/gpu_check.py`);
-# `benchmarks/triton_sm90.py` compiles the same for sm_90.
+# The GPU check's correctness cases (`check`'s arguments): `sparseformer kernel-check --standard` and
+# `benchmarks/gpu_check.py` run them, `benchmarks/triton_sm90.py` compiles them for sm_90.
 CHECK_CASES = [
     dict(name="bf16 bidir padding gqa rowstart b64 d64", T=4096, b=64, D=64, H=8, G=2, dtype=jnp.bfloat16,
          causal=False, padding=True, row_starts=True),

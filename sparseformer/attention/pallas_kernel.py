@@ -128,11 +128,11 @@ def _triton_missing() -> str | None:
 
 def unsupported_reason(block_size: int, head_dim: int, dtype=None, *, compiled_gpu: bool = False) -> str | None:
     """Why the kernel cannot run these shapes (None when it can): Triton tiles are powers of two
-    and its matmuls need every dimension >= 16; compiled for a GPU (`compiled_gpu`), JAX must still
-    have its Pallas Triton backend, and a float32
-    block's tiles must also fit an SM's shared memory: `block_size x head_dim <= MAX_TILE_ELEMENTS / 2`
-    (`benchmarks/triton_sm90.py`: float32 blocks of 128 with head dim 128 need 257-385 KiB of the
-    227 KiB an H100/H200 program may take; 16-bit ones fit)."""
+    and its matmuls need every dimension >= 16. Compiled for a GPU (`compiled_gpu`), JAX must still
+    have its Pallas Triton backend, and a float32 block's tiles must fit an SM's shared memory:
+    `block_size x head_dim <= MAX_TILE_ELEMENTS / 2` (`benchmarks/triton_sm90.py`: float32 blocks of
+    128 with head dim 128 need 257-385 KiB of the 227 KiB an H100/H200 program may take; 16-bit ones
+    fit)."""
     for name, x in (("selection.block_size", block_size), ("head dim", head_dim)):
         if x < 16 or x & (x - 1):
             return f"{name} {x}: the pallas kernel needs a power of two >= 16"
@@ -165,7 +165,6 @@ class Plan:
     bthd: bool = False
     scale: float = 1.0
     piece: int = LIST_PIECE  # entries of an inverted list a dk/dv program walks at most
-
 
     @property
     def rows(self) -> int:

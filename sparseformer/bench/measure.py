@@ -176,8 +176,8 @@ def peak_memory_of(run: Callable[[], Any]) -> dict[str, Any]:
         # bound of the call's. benchmarks/gpu.sh shares JAX's compilation cache with the probes so
         # they load the program the benchmark compiled instead of compiling (and autotuning) again.
         upper = peak <= earlier
-        return {"peak_rss_bytes": None, "peak_device_bytes": peak, "device_bytes_before": int(before.get("bytes_in_use", 0)),
-                "device_peak_before": earlier, "peak_upper_bound": upper,
+        return {"peak_rss_bytes": None, "peak_device_bytes": peak, "device_peak_before": earlier,
+                "device_bytes_before": int(before.get("bytes_in_use", 0)), "peak_upper_bound": upper,
                 "how": "device peak before the call (an upper bound of the call's)" if upper else "device peak"}
     if _reset_peak_rss() and (base := _status_bytes("VmRSS")) is not None:
         run()
