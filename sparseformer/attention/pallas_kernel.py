@@ -455,22 +455,30 @@ def _dkv_kernel(*refs, plan: Plan):
     """One piece of a key block's inverted list. A block whose list is one piece (program `j < m`)
     writes its dk, dv in their final dtype; a further piece writes its float32 partial sums. A long
     block's first piece is left to `_finish_kernel`, which adds the partial sums to it: so dk and dv
-    are never held whole in float32 (that was 4 bfloat16-sized arrays, then their rounded copies)."""
+    are never held whole in float32 (that was 4 bfloat16-sized arrays, then their rounded copies).
+    A program with nothing to write does nothing, not even load its key block: a long block's first
+    piece, and the further-piece programs left over by the worst-case count (most of them: their
+    partial sums are never read, as `piece_owners` ranges cover the used ones only)."""
     dk_ref, dv_ref, dk_extra_ref, dv_extra_ref = refs[-4:]
     pieces_ref = refs[0]
     first, end, later = pieces_ref[1], pieces_ref[2], pieces_ref[3]
-    dk, dv = _walk_key_block(plan, first, jnp.where(later != 0, first, end), refs)
     program = pl.program_id(0)
+    whole = (program < plan.num_key_blocks) & (later == 0)  # a never-chosen block too: zero gradients
+    further = (program >= plan.num_key_blocks) & (end > first)
 
-    @pl.when((program < plan.num_key_blocks) & (later == 0))  # the whole list: straight into dk, dv
+    @pl.when(whole | further)
     def _():
-        dk_ref[...] = dk.astype(dk_ref.dtype)
-        dv_ref[...] = dv.astype(dv_ref.dtype)
+        dk, dv = _walk_key_block(plan, first, end, refs)
 
-    @pl.when(program >= plan.num_key_blocks)  # a further piece: a partial sum, added later
-    def _():
-        dk_extra_ref[...] = dk
-        dv_extra_ref[...] = dv
+        @pl.when(program < plan.num_key_blocks)  # the whole list: straight into dk, dv
+        def _():
+            dk_ref[...] = dk.astype(dk_ref.dtype)
+            dv_ref[...] = dv.astype(dv_ref.dtype)
+
+        @pl.when(program >= plan.num_key_blocks)  # a further piece: a partial sum, added later
+        def _():
+            dk_extra_ref[...] = dk
+            dv_extra_ref[...] = dv
 
 
 def _finish_kernel(*refs, plan: Plan):
