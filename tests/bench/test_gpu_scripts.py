@@ -30,7 +30,7 @@ from sparseformer.attention import kernel_check  # noqa: E402
 
 def test_gpu_check_correctness_case_in_place_gqa_causal():
     r = kernel_check.check("tiny", T=256, b=32, D=64, H=4, G=2, dtype=jnp.float32, causal=True, padding=True,
-                        row_starts=True, layout="BTHD", precision="highest")
+                           row_starts=True, layout="BTHD", precision="highest")
     assert r["ok"] and r["deterministic"] and r["precision"] == "highest", r
     assert set(r["errors"]) == {"out", "lse", "dq", "dk", "dv"}
 
@@ -235,7 +235,7 @@ def test_launch_sweep_times_each_launch_and_names_the_fastest():
                                  repeats=1, warmup=0)
     assert row["default"] == "4x2" and set(row["launches"]) == {"4x1", "4x2", "piece 2"}
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in row["launches"].values()), row
-    # n K = 8 query blocks x 8 slots: ceil(64 / 16) pieces of partial sums by default, 32 in pieces of 2
+    # n K = 4 query blocks x 8 slots: ceil(32 / 16) = 2 pieces of partial sums by default, 16 in pieces of 2
     parts = {name: r["partial_sums_mib"] for name, r in row["launches"].items()}
     assert parts["piece 2"] == 8 * parts["4x2"] == 8 * parts["4x1"] > 0, parts
     assert row["best_fwd_bwd_ms"] in row["launches"] and row["best_vs_default_fwd_bwd_ms"] >= 1.0
@@ -260,8 +260,6 @@ def test_list_piece_option_reaches_the_plan_and_keeps_the_result():
     """`launch_options(list_piece=)` (the sweep's other knob) cuts the dk/dv inverted lists into
     pieces of that many entries (more, smaller partial sums for small pieces), and the gradients do
     not change beyond float32 summation order."""
-    import jax
-
     from sparseformer.attention import pallas_kernel
 
     T, b, H, D = 512, 32, 2, 16
