@@ -159,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparseformer kernel-check", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[1].split("\n\nThe same pieces", 1)[0])
-    p.add_argument("--standard", action="store_true", help="the six cases benchmarks/gpu.sh checks (GPU sizes) "
-                   "instead of one case from the flags below")
+    p.add_argument("--standard", action="store_true", help="the six cases benchmarks/gpu.sh checks (GPU sizes, "
+                   "2K-4K tokens: slow where the kernel is interpreted) instead of one case from the flags below")
     p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--head-dim", type=int, default=64 if on_gpu else 32)
     p.add_argument("--block-size", type=int, default=64 if on_gpu else 32, help="selection.block_size")
