@@ -138,6 +138,21 @@ def memory_bytes(compiled: Any) -> dict[str, int]:
     return out
 
 
+def _attention_line(config: ml_collections.ConfigDict) -> str:
+    """What attention the model runs at its length, e.g. `attention at 1024 tokens: encoder
+    self-attention: selection (pallas) + pool`, with a pointer to `sparseformer kernel-check` where
+    the fused GPU kernel runs (it has not been measured on every GPU and JAX)."""
+    from sparseformer.infer.speed import attention_kernel  # imported here: the trainer runs without it otherwise
+
+    length = int(config.data.max_len)
+    try:
+        what = attention_kernel(config, length)
+    except ValueError as e:  # the config was validated for training; say why rather than stop
+        return f"attention at {length} tokens: not described ({e})"
+    hint = " (the fused kernel: `sparseformer kernel-check` checks it on this device)" if "(pallas)" in what else ""
+    return f"attention at {length} tokens: {what}{hint}"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -378,6 +393,7 @@ def train_and_evaluate(
     if primary:
         print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es); "
               f"{plan.num_params:,} parameters", flush=True)
+        print(_attention_line(config), flush=True)
 
     teacher_graphdef, teacher, teacher_sh = None, None, None
     if config.distill.teacher_workdir:

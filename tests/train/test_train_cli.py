@@ -62,12 +62,26 @@ def test_tiny_run_with_overrides_then_eval(tmp_path, capsys):
                 "peak_memory_bytes", "num_params", "final_loss", "num_train_steps"):
         assert key in metrics, key
     assert metrics["attention"] == "rsa" and metrics["num_train_steps"] == 1
-    assert "compiled train step: peak memory" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compiled train step: peak memory" in out
+    # what attention runs, at the task's length (tiny listops: 128 tokens; the CPU takes `masked`)
+    assert "attention at 128 tokens: encoder self-attention: selection (masked) + pool\n" in out, out
     lines = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     assert lines and all("step" in r and "loss" in r for r in lines)
     assert cli.eval_main([f"--workdir={work}", "--split=validation"]) == 0
     assert json.loads((work / "eval_validation.json").read_text())["step"] == 1
     assert cli.eval_main([f"--workdir={tmp_path / 'none'}"]) == 1
+
+
+def test_the_start_line_points_to_kernel_check_where_the_fused_kernel_runs():
+    from sparseformer.sweep import expand
+    from sparseformer.train.loop import _attention_line
+
+    config = expand.load_config_module(Path(__file__).parents[2] / "configs" / "listops.py").get_config("attention=rsa,scale=tiny")
+    assert "(pallas)" not in _attention_line(config) and "kernel-check" not in _attention_line(config)
+    config.model.attention.selection.kernel = "pallas"  # what `auto` takes on a GPU
+    line = _attention_line(config)
+    assert "selection (pallas) + pool" in line and "`sparseformer kernel-check` checks it on this device" in line
 
 
 @pytest.mark.slow
