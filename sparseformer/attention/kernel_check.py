@@ -29,6 +29,7 @@ import numpy as np
 
 from sparseformer.attention.pallas_kernel import fused_block_attention, unsupported_reason
 from sparseformer.attention.selection import Selection, block_sparse_attention, to_blocks
+from sparseformer.bench.measure import relative_error  # the benchmark's own error measure, float64
 
 
 def random_selection(rng: np.random.Generator, *, B: int, Hk: int, G: int, n: int, K: int, b: int, causal: bool,
@@ -66,12 +67,6 @@ def scan_block_attention(causal: bool, q_BHTD: jax.Array, k_BHkSD: jax.Array, v_
     out, lse = block_sparse_attention(causal, to_blocks(q_BHTD, b), to_blocks(kr, b), to_blocks(vr, b),
                                       sel.idx, sel.valid, sel.row_start, kmask_b, sel.qids)
     return out.reshape(B, H, T, D), lse.reshape(B, H, T)
-
-
-def rel_error(a, b) -> float:
-    """`||a - b|| / ||b||` in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # The GPU check's correctness cases (`check`'s arguments): `sparseformer kernel-check --standard` and
@@ -139,8 +134,8 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BH
         (_, (out_f, lse_f)), d_f = gf(qh, kh, vh)
         (_, (out_s, lse_s)), d_s = gs(qh, kh, vh)
         (_, _), d_f2 = gf(qh, kh, vh)
-    errs = {"out": rel_error(out_f, out_s), "lse": rel_error(lse_f, lse_s)}
-    errs.update({f"d{x}": rel_error(a, c) for x, a, c in zip("qkv", d_f, d_s)})
+    errs = {"out": relative_error(out_f, out_s), "lse": relative_error(lse_f, lse_s)}
+    errs.update({f"d{x}": relative_error(a, c) for x, a, c in zip("qkv", d_f, d_s)})
     deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(d_f, d_f2))
     tol = 1e-4 if dtype == jnp.float32 else 3e-2
     ok = all(e < tol for e in errs.values()) and deterministic and all(
