@@ -24,7 +24,9 @@ ROOT = Path(__file__).parents[2]
 
 def env(devices: int = 8) -> dict[str, str]:
     e = dict(os.environ)
-    e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    # the conftest's compile-fast flags stay (every process these tests compare gets the same ones)
+    flags = [f for f in e.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    e.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
     return e
 
