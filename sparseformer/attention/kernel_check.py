@@ -33,24 +33,29 @@ from sparseformer.bench.measure import relative_error  # the benchmark's own err
 
 
 def random_selection(rng: np.random.Generator, *, B: int, Hk: int, G: int, n: int, K: int, b: int, causal: bool,
-                     row_starts: bool, p_valid: float) -> Selection:
+                     row_starts: bool, p_valid: float, diagonal: bool = True) -> Selection:
     """`K` slots per query block and key head, each valid with probability `p_valid`: slot 0 the
-    diagonal block, slot 1 block 0 (every query block chose it: a long inverted list), repeats
+    diagonal block (unless `diagonal=False`: then a random block, possibly invalid, so a query block
+    may choose nothing), slot 1 block 0 (every query block chose it: a long inverted list), repeats
     made invalid (distinct blocks only), causal choices in the past, and with `row_starts` a random
-    first row per slot; one choice per group of `G` query heads."""
+    first row per slot (0 on the diagonal slot); one choice per group of `G` query heads."""
     idx = rng.integers(0, n, size=(B, Hk, n, K))
     if causal:
         idx = np.minimum(idx, np.arange(n)[:, None])
-    idx[..., 0] = np.arange(n)
-    idx[..., 1] = 0
+    if diagonal:
+        idx[..., 0] = np.arange(n)
+    if K > 1:
+        idx[..., 1] = 0
     valid = rng.random(idx.shape) < p_valid
-    valid[..., 0] = True
+    if diagonal:
+        valid[..., 0] = True
     for j in range(1, K):
         valid[..., j] &= ~np.any((idx[..., :j] == idx[..., j : j + 1]) & valid[..., :j], -1)
     start = None
     if row_starts:
         start = rng.integers(0, b, size=idx.shape)
-        start[..., 0] = 0
+        if diagonal:
+            start[..., 0] = 0
     rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, G, axis=1), jnp.int32)  # noqa: E731
     return Selection(idx=rep(idx), valid=jnp.asarray(np.repeat(valid, G, axis=1)), qids=jnp.arange(n),
                      block_size=b, num_key_blocks=n, row_start=rep(start), group=G)
@@ -111,14 +116,32 @@ def case_grads(*, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHT
     def scan(q, k, v):
         return scan_block_attention(causal, q, k, v, sel, kv_mask)
 
-    def grads(fn):
-        def loss(q, k, v):
-            out, lse = fn(q, k, v)
-            return jnp.sum(out * w_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * w_lse), (out, lse)
+    return (qh, kh, vh), loss_grads(fused, w_out, w_lse), loss_grads(scan, w_out, w_lse)
 
-        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
-    return (qh, kh, vh), grads(fused), grads(scan)
+def loss_grads(fn, w_out: jax.Array, w_lse: jax.Array):
+    """The value and (q, k, v) gradients (not jitted) of one loss through `fn(q, k, v) -> (out, lse)`
+    that reaches both outputs: `sum(out * w_out) + sum(lse * w_lse)` over the rows where something
+    is allowed (a row with nothing allowed has no log-sum-exp to differentiate); aux `(out, lse)`."""
+
+    def loss(q, k, v):
+        out, lse = fn(q, k, v)
+        return jnp.sum(out * w_out) + jnp.sum(jnp.where(lse > -1e29, lse, 0.0) * w_lse), (out, lse)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+
+
+def compare(fused: tuple, reference: tuple, dtype) -> tuple[dict, float, bool]:
+    """`(relative errors of out, lse, dq, dk, dv; the tolerance; ok)` of two `loss_grads` results
+    (`(_, (out, lse)), (dq, dk, dv)`): ok when every error is under the dtype's tolerance and the
+    fused outputs and gradients are finite."""
+    (_, (out_f, lse_f)), d_f = fused
+    (_, (out_s, lse_s)), d_s = reference
+    errs = {"out": relative_error(out_f, out_s), "lse": relative_error(lse_f, lse_s)}
+    errs.update({f"d{x}": relative_error(a, c) for x, a, c in zip("qkv", d_f, d_s)})
+    tol = 1e-4 if jnp.dtype(dtype) == jnp.float32 else 3e-2
+    finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in (out_f, *d_f))
+    return errs, tol, finite and all(e < tol for e in errs.values())
 
 
 def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0, precision=None):
@@ -131,15 +154,11 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BH
         seed=seed)
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():  # read while tracing
         gf, gs = jax.jit(fused_grads), jax.jit(scan_grads)
-        (_, (out_f, lse_f)), d_f = gf(qh, kh, vh)
-        (_, (out_s, lse_s)), d_s = gs(qh, kh, vh)
+        fused, reference = gf(qh, kh, vh), gs(qh, kh, vh)
         (_, _), d_f2 = gf(qh, kh, vh)
-    errs = {"out": relative_error(out_f, out_s), "lse": relative_error(lse_f, lse_s)}
-    errs.update({f"d{x}": relative_error(a, c) for x, a, c in zip("qkv", d_f, d_s)})
-    deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(d_f, d_f2))
-    tol = 1e-4 if dtype == jnp.float32 else 3e-2
-    ok = all(e < tol for e in errs.values()) and deterministic and all(
-        bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in d_f)
+    errs, tol, ok = compare(fused, reference, dtype)
+    deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(fused[1], d_f2))
+    ok = ok and deterministic
     return {"name": name, "layout": layout, "T": T, "block": b, "head_dim": D, "heads": H, "group": G,
             "dtype": jnp.dtype(dtype).name, "precision": precision or "default",
             "causal": causal, "padding": padding, "row_starts": row_starts, "errors": errs,
