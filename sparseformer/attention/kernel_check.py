@@ -33,17 +33,21 @@ from sparseformer.bench.measure import relative_error  # the benchmark's own err
 
 
 def random_selection(rng: np.random.Generator, *, B: int, Hk: int, G: int, n: int, K: int, b: int, causal: bool,
-                     row_starts: bool, p_valid: float, diagonal: bool = True) -> Selection:
+                     row_starts: bool, p_valid: float, diagonal: bool = True, qids: np.ndarray | None = None
+                     ) -> Selection:
     """`K` slots per query block and key head, each valid with probability `p_valid`: slot 0 the
     diagonal block (unless `diagonal=False`: then a random block, possibly invalid, so a query block
     may choose nothing), slot 1 block 0 (every query block chose it: a long inverted list), repeats
     made invalid (distinct blocks only), causal choices in the past, and with `row_starts` a random
-    first row per slot (0 on the diagonal slot); one choice per group of `G` query heads."""
-    idx = rng.integers(0, n, size=(B, Hk, n, K))
+    first row per slot (0 on the diagonal slot); one choice per group of `G` query heads. `n` key
+    blocks; the query blocks are all of them, or the blocks `qids` (a decoding step or a chunk of
+    a prefill: `query_block`)."""
+    qids = np.arange(n) if qids is None else np.asarray(qids)
+    idx = rng.integers(0, n, size=(B, Hk, len(qids), K))
     if causal:
-        idx = np.minimum(idx, np.arange(n)[:, None])
+        idx = np.minimum(idx, qids[:, None])
     if diagonal:
-        idx[..., 0] = np.arange(n)
+        idx[..., 0] = qids
     if K > 1:
         idx[..., 1] = 0
     valid = rng.random(idx.shape) < p_valid
@@ -57,7 +61,7 @@ def random_selection(rng: np.random.Generator, *, B: int, Hk: int, G: int, n: in
         if diagonal:
             start[..., 0] = 0
     rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, G, axis=1), jnp.int32)  # noqa: E731
-    return Selection(idx=rep(idx), valid=jnp.asarray(np.repeat(valid, G, axis=1)), qids=jnp.arange(n),
+    return Selection(idx=rep(idx), valid=jnp.asarray(np.repeat(valid, G, axis=1)), qids=jnp.asarray(qids, jnp.int32),
                      block_size=b, num_key_blocks=n, row_start=rep(start), group=G)
 
 

@@ -16,19 +16,22 @@ import kernel_fuzz  # noqa: E402
 from sparseformer.attention import pallas_kernel  # noqa: E402
 
 # seed 1: the Triton kernel interpreted, causal, a padded tail, every slot valid, pieces of lists;
-# seed 9: the TPU kernel, a whole key block padded, no diagonal slot (a query block may choose nothing)
-SEEDS = (1, 9)
+# seed 129: the TPU kernel, a whole key block padded, no diagonal slot, query blocks 2-3 of 4 against
+# all the keys (a prefill chunk), GQA, `[B, T, H, D]` read in place
+SEEDS = (1, 129)
 
 
 def test_the_same_seed_draws_the_same_case_and_seeds_differ():
     assert kernel_fuzz.draw_case(1) == kernel_fuzz.draw_case(1)
     cases = [kernel_fuzz.draw_case(s) for s in range(40)]
     for key, values in (("target", {"triton", "tpu"}), ("dtype", {"float32", "bfloat16"}),
-                        ("padding", set(kernel_fuzz.PADDINGS)), ("causal", {True, False}), ("diagonal", {True, False})):
+                        ("padding", set(kernel_fuzz.PADDINGS)), ("causal", {True, False}), ("diagonal", {True, False}),
+                        ("layout", {"BHTD", "BTHD"})):
         assert {c[key] for c in cases} == values, key
-    c1, c9 = kernel_fuzz.draw_case(1), kernel_fuzz.draw_case(9)
-    assert (c1["target"], c1["causal"], c1["padding"]) == ("triton", True, "tail")
-    assert (c9["target"], c9["padding"], c9["diagonal"]) == ("tpu", "block", False)
+    assert any(c["queries"] is None for c in cases) and any(c["queries"] for c in cases)
+    c1, c2 = (kernel_fuzz.draw_case(s) for s in SEEDS)
+    assert (c1["target"], c1["causal"], c1["padding"], c1["queries"]) == ("triton", True, "tail", None)
+    assert (c2["target"], c2["padding"], c2["diagonal"], c2["queries"], c2["layout"]) == ("tpu", "block", False, [2, 3], "BTHD")
 
 
 def test_drawn_cases_agree_and_the_report_lists_them(tmp_path, capsys):
