@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer.attention import pallas_kernel, pallas_tpu
-from sparseformer.attention.kernel_check import compare, loss_grads, random_selection, scan_block_attention
+from sparseformer.attention.kernel_check import compare, kernel_pair, loss_grads, random_inputs, random_selection
 
 PADDINGS = ("none", "tail", "gap", "block", "all_but_first")
 
@@ -78,21 +78,20 @@ def key_mask(padding: str, B: int, T: int, b: int) -> jax.Array | None:
 
 @contextlib.contextmanager
 def _kernel_settings(case: dict):
-    """The case's list piece for the duration of the case (module constants the kernels read while
-    tracing); on a CPU also its heads a tile (the tile-size limit that gives it) and a small TPU
-    scalar-memory budget. A device keeps its real limits."""
-    saved = pallas_kernel.LIST_PIECE, pallas_kernel.MAX_TILE_ELEMENTS, pallas_tpu.SMEM_BUDGET
-    pallas_kernel.LIST_PIECE = case["piece"]
-    if jax.default_backend() == "cpu":
+    """The case's dk/dv list piece (`launch_options`) while it is traced; on a CPU also its heads a
+    tile (through the tile-size limit, a module constant the kernel reads while tracing), a small
+    TPU scalar-memory budget and the kernel it draws. A device keeps its real limits."""
+    saved = pallas_kernel.MAX_TILE_ELEMENTS, pallas_tpu.SMEM_BUDGET
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
         pallas_kernel.MAX_TILE_ELEMENTS = case["heads_a_tile"] * case["b"] * case["D"]
         pallas_tpu.SMEM_BUDGET = 1024
     try:
-        target = pallas_kernel.tpu_interpret() if case["target"] == "tpu" and jax.default_backend() == "cpu" else \
-            contextlib.nullcontext()
-        with target:
+        target = pallas_kernel.tpu_interpret() if on_cpu and case["target"] == "tpu" else contextlib.nullcontext()
+        with pallas_kernel.launch_options(list_piece=case["piece"]), target:
             yield
     finally:
-        pallas_kernel.LIST_PIECE, pallas_kernel.MAX_TILE_ELEMENTS, pallas_tpu.SMEM_BUDGET = saved
+        pallas_kernel.MAX_TILE_ELEMENTS, pallas_tpu.SMEM_BUDGET = saved
 
 
 def run_case(case: dict) -> dict:
@@ -103,25 +102,12 @@ def run_case(case: dict) -> dict:
     T, dtype = n * b, jnp.dtype(c["dtype"])
     Tq = T if c["queries"] is None else len(c["queries"]) * b
     rng = np.random.default_rng(c["seed"])
-    keys = jax.random.split(jax.random.key(c["seed"]), 5)
-    q = (jax.random.normal(keys[0], (B, H, Tq, D)) * D**-0.25).astype(dtype)
-    k = (jax.random.normal(keys[1], (B, H // G, T, D)) * D**-0.25).astype(dtype)
-    v = jax.random.normal(keys[2], (B, H // G, T, D)).astype(dtype)
-    w_out, w_lse = jax.random.normal(keys[3], (B, H, Tq, D)), jax.random.normal(keys[4], (B, H, Tq))
+    q, k, v, w_out, w_lse = random_inputs(c["seed"], B=B, H=H, Hk=H // G, T=T, D=D, dtype=dtype, Tq=Tq)
     kv_mask = key_mask(c["padding"], B, T, b)
     sel = random_selection(rng, B=B, Hk=H // G, G=G, n=n, K=c["K"], b=b, causal=c["causal"],
                            row_starts=c["row_starts"], p_valid=c["p_valid"], diagonal=c["diagonal"],
                            qids=c["queries"])
-
-    def fused(q, k, v):
-        if c["layout"] == "BTHD":  # `attend`'s own layout, read in place; q doubled, then scaled by 0.5 as loaded
-            q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * 2, k, v))
-            return pallas_kernel.fused_block_attention(c["causal"], q, k, v, sel, kv_mask, layout="BTHD", scale=0.5)
-        return pallas_kernel.fused_block_attention(c["causal"], q, k, v, sel, kv_mask)
-
-    def scan(q, k, v):
-        return scan_block_attention(c["causal"], q, k, v, sel, kv_mask)
-
+    fused, scan = kernel_pair(c["causal"], sel, kv_mask, c["layout"])
     try:
         with _kernel_settings(c):
             got = jax.jit(loss_grads(fused, w_out, w_lse))(q, k, v)
@@ -158,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seed in a.seeds:
         t = time.time()
-        r = run_case(draw_case(seed))
+        case = draw_case(seed)
+        r = run_case(case)
         results.append(r)
         what = ("refused: " + r["refused"]) if "refused" in r else r.get("error") or \
             "largest error " + ", ".join(f"{k} {e:.1e}" for k, e in sorted(r["errors"].items(), key=lambda x: -x[1])[:1])
         print(f"  {'ok    ' if r['ok'] else 'FAILED'} seed {seed} ({time.time() - t:.1f} s): {what}", flush=True)
         if not r["ok"]:
-            print(f"         case: {json.dumps({k: r[k] for k in draw_case(seed)})}", flush=True)
+            print(f"         case: {json.dumps(case)}", flush=True)
     failed = [r["seed"] for r in results if not r["ok"]]
     refused = sum("refused" in r for r in results)
     print(f"{len(results) - len(failed) - refused} agree, {refused} refused, {len(failed)} failed"

@@ -97,19 +97,23 @@ CHECK_CASES = [
 ]
 
 
-def case_grads(*, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0):
-    """A correctness case's inputs `(q, k, v)` (head-major) and the value-and-gradient functions
-    (not jitted) of one loss through the fused kernel and through the `scan` kernel."""
-    rng = np.random.default_rng(seed)
-    B, n, Hk = 1, T // b, H // G
+def random_inputs(seed: int, *, B: int, H: int, Hk: int, T: int, D: int, dtype, Tq: int | None = None):
+    """Head-major `q [B, H, Tq, D]`, `k, v [B, Hk, T, D]` in `dtype` (q and k scaled by `D**-0.25`:
+    unit-variance logits) and the loss weights `w_out [B, H, Tq, D]`, `w_lse [B, H, Tq]` (float32) of
+    one seed; `Tq` defaults to `T`."""
+    Tq = T if Tq is None else Tq
     keys = jax.random.split(jax.random.key(seed), 5)
-    qh = (jax.random.normal(keys[0], (B, H, T, D)) * D**-0.25).astype(dtype)
-    kh = (jax.random.normal(keys[1], (B, Hk, T, D)) * D**-0.25).astype(dtype)
-    vh = jax.random.normal(keys[2], (B, Hk, T, D)).astype(dtype)
-    w_out = jax.random.normal(keys[3], (B, H, T, D))
-    w_lse = jax.random.normal(keys[4], (B, H, T))
-    kv_mask = jnp.ones((B, T), bool).at[0, T - b // 2 :].set(False) if padding else None
-    sel = random_selection(rng, B=B, Hk=Hk, G=G, n=n, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
+    q = (jax.random.normal(keys[0], (B, H, Tq, D)) * D**-0.25).astype(dtype)
+    k = (jax.random.normal(keys[1], (B, Hk, T, D)) * D**-0.25).astype(dtype)
+    v = jax.random.normal(keys[2], (B, Hk, T, D)).astype(dtype)
+    return q, k, v, jax.random.normal(keys[3], (B, H, Tq, D)), jax.random.normal(keys[4], (B, H, Tq))
+
+
+def kernel_pair(causal: bool, sel: Selection, kv_mask: jax.Array | None = None, layout: str = "BHTD"):
+    """`(fused, scan)`: the fused kernel and the `scan` kernel on one selection, both functions of
+    head-major `(q, k, v)` returning `(out, lse)`. `layout="BTHD"` gives the fused kernel q, k, v in
+    `attend`'s own layout, read in place (q doubled and scaled by 0.5 as it is loaded: exact, so the
+    reference is unchanged)."""
 
     def fused(q, k, v):
         if layout == "BTHD":
@@ -120,6 +124,18 @@ def case_grads(*, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHT
     def scan(q, k, v):
         return scan_block_attention(causal, q, k, v, sel, kv_mask)
 
+    return fused, scan
+
+
+def case_grads(*, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0):
+    """A correctness case's inputs `(q, k, v)` (head-major) and the value-and-gradient functions
+    (not jitted) of one loss through the fused kernel and through the `scan` kernel."""
+    rng = np.random.default_rng(seed)
+    B, n, Hk = 1, T // b, H // G
+    qh, kh, vh, w_out, w_lse = random_inputs(seed, B=B, H=H, Hk=Hk, T=T, D=D, dtype=dtype)
+    kv_mask = jnp.ones((B, T), bool).at[0, T - b // 2 :].set(False) if padding else None
+    sel = random_selection(rng, B=B, Hk=Hk, G=G, n=n, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
+    fused, scan = kernel_pair(causal, sel, kv_mask, layout)
     return (qh, kh, vh), loss_grads(fused, w_out, w_lse), loss_grads(scan, w_out, w_lse)
 
 
@@ -149,8 +165,7 @@ def compare(fused: tuple, reference: tuple, dtype) -> tuple[dict, float, bool]:
 
 
 def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BHTD", seed=0, precision=None):
-    """One case; `layout="BTHD"` gives the kernel q, k, v in `attend`'s own layout, read in place (q
-    doubled and scaled by 0.5 as it is loaded: exact, so the reference is unchanged). `precision`:
+    """One case (`layout`: see `kernel_pair`). `precision`:
     JAX's matmul precision for both kernels (float32 runs TF32 by default on a GPU, in the fused
     kernel and in XLA's alike, but not rounded alike: "highest" compares them at full float32)."""
     (qh, kh, vh), fused_grads, scan_grads = case_grads(

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import kernel_fuzz  # noqa: E402
 
-from sparseformer.attention import pallas_kernel  # noqa: E402
+from sparseformer.attention import kernel_check  # noqa: E402
 
 # seed 1: the Triton kernel interpreted, causal, a padded tail, every slot valid, pieces of lists;
 # seed 129: the TPU kernel, a whole key block padded, no diagonal slot, query blocks 2-3 of 4 against
@@ -46,13 +46,13 @@ def test_drawn_cases_agree_and_the_report_lists_them(tmp_path, capsys):
 
 
 def test_a_planted_bug_fails_its_seed(monkeypatch, capsys):
-    real = pallas_kernel.fused_block_attention
+    real = kernel_check.fused_block_attention
 
     def off(*args, **kwargs):
         out, lse = real(*args, **kwargs)
         return out * jnp.asarray(1.01, out.dtype), lse
 
-    monkeypatch.setattr(pallas_kernel, "fused_block_attention", off)
+    monkeypatch.setattr(kernel_check, "fused_block_attention", off)
     assert kernel_fuzz.main([f"--seeds={SEEDS[0]}:{SEEDS[0] + 1}"]) == 1
     printed = capsys.readouterr().out
     assert f"FAILED seed {SEEDS[0]}" in printed and '"causal": true' in printed and f"(seeds [{SEEDS[0]}])" in printed
@@ -69,7 +69,7 @@ def test_a_kernel_that_raises_fails_and_a_refusal_does_not():
 
     for fn, ok in ((raising, False), (refusing, True)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(pallas_kernel, "fused_block_attention", fn)
+            mp.setattr(kernel_check, "fused_block_attention", fn)
             r = kernel_fuzz.run_case(case)
         assert r["ok"] == ok and ("refused" in r) == ok and ("error" in r) != ok
 
