@@ -16,8 +16,9 @@
    its Mosaic GPU one (forward) is the measured hint for which backend a sparse kernel should use.
 
 4. With `--tune`: the launch sweep, the kernel as `attend` calls it compiled with each (num_warps,
-   num_stages) of `LAUNCHES`, then with each dk/dv list piece of `PIECES`, at 16K, bidirectional and
-   causal (`pallas_kernel.launch_options`);
+   num_stages) of `LAUNCHES`, then with each dk/dv list piece of `PIECES` and with the partial sums
+   sized for each count of long lists of `LONG_LISTS`, at 16K, bidirectional and causal
+   (`pallas_kernel.launch_options`);
    `benchmarks/triton_sm90.py` gives the same programs' registers and shared memory without a GPU.
 
 Writes OUT_DIR/check.json (or tune.json) and prints a short table. Exit status 1 if a correctness
@@ -55,16 +56,18 @@ def _median_ms(fn, *args, repeats=20, warmup=3):
     return statistics.median(times) * 1e3
 
 
-def rsa_like_selection(T, *, b=64, H=8, causal=False) -> tuple[Selection, int]:
-    """rsa's budget, 8 slots a query block: window 1, global 1, four distinct far blocks (duplicates
-    invalid); and the pairs it computes per batch row, all heads."""
+def rsa_like_selection(T, *, b=64, H=8, causal=False, sinks=1) -> tuple[Selection, int]:
+    """rsa's budget, 8 slots a query block: window 1, `sinks` global blocks (the first ones, chosen by
+    every query block that may see them, as a trained model's attention sinks are), distinct far
+    blocks for the rest (duplicates invalid); and the pairs it computes per batch row, all heads."""
     rng = np.random.default_rng(1)
     n = T // b
     idx = np.empty((1, H, n, 8), np.int64)
-    for i in range(n):  # window 1, global 1, four distinct far blocks
+    for i in range(n):  # window 1, the sinks, distinct far blocks
         window = [min(max(i - 1, 0), n - 3) + d for d in range(3)]
-        far = [j for j in rng.permutation(i + 1 if causal else n) if j not in window and j != 0][:4]
-        row = (window if not causal else [max(i - 1, 0), i]) + [0] + far
+        sink = [j for j in range(sinks) if not causal or j <= i]
+        far = [j for j in rng.permutation(i + 1 if causal else n) if j not in window and j >= sinks][:5 - sinks]
+        row = (window if not causal else [max(i - 1, 0), i]) + sink + far
         row = (row + [i] * 8)[:8]
         idx[0, :, i] = row
     valid = np.zeros(idx.shape, bool)
@@ -142,32 +145,49 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeat
 # (num_warps, num_stages) tried by the launch sweep; the default at blocks of 64 and head dim 64 is (4, 2)
 LAUNCHES = ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3))
 PIECES = (64,)  # dk/dv list pieces tried beside the default `LIST_PIECE`, at the default launch
+# long lists the dk/dv partial sums are sized for, tried beside the default `LONG_LISTS`: 8, all of
+# rsa's 8 slots on blocks that every query block chose (120 partial sums at 16K, where the sizing
+# before `LONG_LISTS` took 128, `ceil(n K / 16)`)
+LONG_LISTS = (8,)
 
 
 def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launches=LAUNCHES, pieces=PIECES,
-                 repeats=20, warmup=3):
-    """The fused kernel as `attend` calls it (reading `[B, T, H, D]` in place, rsa's budget) compiled
-    with each (num_warps, num_stages), then at the default launch with each dk/dv list piece of
-    `pieces` (`piece N`; its global block is chosen by every query block, so its inverted list is the
-    long one pieces cut): forward and forward+backward medians, and which is fastest. Each variant's
-    float32 partial-sum buffers (dk and dv, sized for the worst case) are recorded beside its time.
-    A variant that fails to compile or run is recorded and the others still run."""
-    sel, pairs = rsa_like_selection(T, b=b, H=H, causal=causal)
+                 long_lists=LONG_LISTS, sinks=1, repeats=20, warmup=3):
+    """The fused kernel as `attend` calls it (reading `[B, T, H, D]` in place, rsa's budget with
+    `sinks` blocks chosen by every query block) compiled with each (num_warps, num_stages) of
+    `launches` (None: the default alone), then at the default launch with each dk/dv list piece of
+    `pieces` (`piece N`; the sinks' inverted lists are the long ones pieces cut) and with the partial
+    sums sized for each of `long_lists` (`long lists N`; fewer than the sinks make their pieces
+    longer): forward and forward+backward medians, and which is fastest. Each variant's float32
+    partial-sum buffers (dk and dv, `Plan.extra_pieces` blocks each) are recorded beside its time. A
+    variant that fails to compile or run is recorded and the others still run."""
+    sel, pairs = rsa_like_selection(T, b=b, H=H, causal=causal, sinks=sinks)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(key, (1, T, H, D), dtype) for key in keys[:3])
     w = jax.random.normal(keys[3], (1, H, T, D), jnp.float32)
     plan = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False)
     default = plan.params(D)
-    slots = sel.idx.shape[2] * sel.idx.shape[3]
 
-    def partial_sums_mib(piece: int) -> float:  # [B, Hk, ceil(n K / piece), b, D] float32, dk and dv
-        return 2 * sel.idx.shape[1] * -(-slots // piece) * b * D * 4 / 2**20
+    def partial_sums_mib(options) -> float:  # [B, Hk, extra pieces, b, D] float32, dk and dv
+        with pallas_kernel.launch_options(**options):
+            p = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False)
+        return 2 * sel.idx.shape[1] * p.extra_pieces * b * D * 4 / 2**20
 
-    row = {"T": T, "causal": causal, "block": b, "head_dim": D, "pairs": pairs,
-           "default": f"{default.num_warps}x{default.num_stages}", "default_piece": plan.piece, "launches": {}}
+    def piece_walked(options) -> int:  # the longest piece a dk/dv program walks (pieces grow past the sums)
+        with pallas_kernel.launch_options(**options):
+            p = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False)
+        pieces, _ = pallas_kernel.inverted_lists(p, sel.idx, sel.valid, None)
+        return int(jnp.max(pieces[..., 2] - pieces[..., 1]))
+
+    row = {"T": T, "causal": causal, "sinks": sinks, "block": b, "head_dim": D, "pairs": pairs,
+           "default": f"{default.num_warps}x{default.num_stages}", "default_piece": plan.piece,
+           "default_long_lists": plan.long_lists, "launches": {}}
+    launches = ((default.num_warps, default.num_stages),) if launches is None else launches
     variants = [(f"{warps}x{stages}", dict(num_warps=warps, num_stages=stages)) for warps, stages in launches]
     variants += [(f"piece {piece}", dict(list_piece=piece)) for piece in pieces if piece != plan.piece]
+    variants += [(f"long lists {n}", dict(long_lists=n)) for n in long_lists if n != plan.long_lists]
     for name, options in variants:
+        lists = {key: options[key] for key in ("list_piece", "long_lists") if key in options}
         with pallas_kernel.launch_options(**options):  # read while tracing: the first call is inside
             def fwd(q, k, v):  # noqa: ANN001, ANN202
                 return pallas_kernel.fused_block_attention(causal, q, k, v, sel, layout="BTHD", scale=D**-0.5)[0]
@@ -175,9 +195,10 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
             grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v) * w), argnums=(0, 1, 2))
             try:
                 row["launches"][name] = {
+                    "piece_walked": piece_walked(lists),
                     "fwd_ms": _median_ms(jax.jit(fwd), q, k, v, repeats=repeats, warmup=warmup),
                     "fwd_bwd_ms": _median_ms(jax.jit(grad), q, k, v, repeats=repeats, warmup=warmup),
-                    "partial_sums_mib": partial_sums_mib(options.get("list_piece", plan.piece)),
+                    "partial_sums_mib": partial_sums_mib(lists),
                 }
             except Exception as e:  # noqa: BLE001
                 row["launches"][name] = {"error": f"{type(e).__name__}: {e}"}
@@ -191,26 +212,35 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
     return row
 
 
-def tune(out_dir: str) -> int:
-    """The launch sweep at 16K, bidirectional and causal: writes OUT_DIR/tune.json."""
+# (length, causal, launch_sweep options) of the tune stage: every launch at 16K, bidirectional and
+# causal; then, with 4 sinks (more long lists than the partial sums hold by default), the default
+# against partial sums for 8 long lists
+TUNE_SWEEPS = ((16384, False, {}), (16384, True, {}), (16384, False, dict(sinks=4, launches=None, pieces=())))
+
+
+def tune(out_dir: str, sweeps=TUNE_SWEEPS, **common) -> int:
+    """The launch sweeps of `sweeps` (`common`: options of every `launch_sweep`, for tests): writes
+    OUT_DIR/tune.json after each and prints a summary."""
     os.makedirs(out_dir, exist_ok=True)
     report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "rows": []}
-    for T, causal in ((16384, False), (16384, True)):
-        row = launch_sweep(T, causal=causal)
+    for T, causal, options in sweeps:
+        row = launch_sweep(T, causal=causal, **common, **options)
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
         with open(os.path.join(out_dir, "tune.json"), "w") as f:
             json.dump(report, f, indent=1)
     for row in report["rows"]:
-        print(f"T={row['T']} {'causal' if row['causal'] else 'bidir'}: default {row['default']}; fastest fwd "
-              f"{row.get('best_fwd_ms')} ({row.get('best_vs_default_fwd_ms', float('nan')):.2f}x the default), "
+        case = f"T={row['T']} {'causal' if row['causal'] else 'bidir'} sinks {row['sinks']}"
+        print(f"{case}: default {row['default']}; fastest fwd {row.get('best_fwd_ms')} "
+              f"({row.get('best_vs_default_fwd_ms', float('nan')):.2f}x the default), "
               f"fwd+bwd {row.get('best_fwd_bwd_ms')} ({row.get('best_vs_default_fwd_bwd_ms', float('nan')):.2f}x)")
         base = row["launches"].get(row["default"], {})
         for name, r in row["launches"].items():
-            if name.startswith("piece") and "fwd_bwd_ms" in r and "fwd_bwd_ms" in base:
-                print(f"T={row['T']} {'causal' if row['causal'] else 'bidir'}: {name}: fwd+bwd "
-                      f"{r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x the time of piece {row['default_piece']}, "
-                      f"partial sums {r['partial_sums_mib']:.0f} MiB (against {base['partial_sums_mib']:.0f})")
+            if name.startswith(("piece", "long lists")) and "fwd_bwd_ms" in r and "fwd_bwd_ms" in base:
+                print(f"{case}: {name}: fwd+bwd {r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x the time of piece "
+                      f"{row['default_piece']} with {row['default_long_lists']} long lists, pieces walked "
+                      f"{r['piece_walked']} (against {base['piece_walked']}), partial sums "
+                      f"{r['partial_sums_mib']:.0f} MiB (against {base['partial_sums_mib']:.0f})")
     return 0
 
 

@@ -19,7 +19,10 @@ kernel's rate. This kernel walks the same `Selection` the way flash attention wa
   of its own writing float32 partial sums, so one long list does not keep the GPU waiting on a
   single program; a small second kernel walks the long block's first piece and adds the partial
   sums in a fixed order. Every gradient is written once, in its final dtype: no float32 copy of
-  dk and dv is ever whole in memory.
+  dk and dv is ever whole in memory. The partial sums are sized for `LONG_LISTS` lists of every
+  query block, not for the worst case (every slot of every query block on a few blocks); a call
+  whose lists need more further pieces than that cuts them into longer pieces instead (fewer
+  programs, the same sums).
 
 Grouped-query attention: the query heads of a key/value head share one choice (`Selection.group`),
 so one program stacks `heads_per_tile` of them into its query tile (`rows = heads_per_tile * b`)
@@ -57,8 +60,14 @@ from jax.experimental import pallas as pl
 
 from sparseformer.attention.dense import LOG0, softmax_delta
 
-# A key block's inverted list is walked by programs of at most this many entries each.
+# A key block's inverted list is walked by programs of at least this many entries each (more only
+# when a call's long lists need more further pieces than the partial sums hold: `LONG_LISTS`).
 LIST_PIECE = 16
+# The dk/dv float32 partial sums hold the further pieces of this many lists of every query block at
+# `LIST_PIECE` entries (a global block, an attention sink): `[B, Hk, LONG_LISTS * (ceil(n / piece) - 1),
+# b, D]` each, 8 / piece of a bfloat16 `[B, T, Hk, D]` array for dk and dv together, where the worst
+# case (all `K` slots of every query block on `K` blocks) takes 4 K / piece.
+LONG_LISTS = 2
 # Rows x head dim of one program's query tile at most, in 16-bit elements (the accumulator lives in
 # registers, the tiles in shared memory: a float32 tile counts twice on a GPU).
 MAX_TILE_ELEMENTS = 128 * 128
@@ -69,6 +78,8 @@ _TARGET: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVa
 _LAUNCH: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("sparseformer_launch", default=None)
 # entries of an inverted-list piece forced by `launch_options(list_piece=...)`
 _PIECE: contextvars.ContextVar[int | None] = contextvars.ContextVar("sparseformer_piece", default=None)
+# long lists the partial sums are sized for, forced by `launch_options(long_lists=...)`
+_LONG: contextvars.ContextVar[int | None] = contextvars.ContextVar("sparseformer_long_lists", default=None)
 
 
 @contextlib.contextmanager
@@ -105,6 +116,11 @@ def kernel_target() -> tuple[str, bool]:
         return forced
     backend = jax.default_backend()
     return ("tpu", False) if backend == "tpu" else ("triton", backend != "gpu")
+
+
+def _compiled_gpu() -> bool:
+    """Whether the Triton kernel is compiled for a GPU here (not interpreted, not the TPU kernel)."""
+    return kernel_target() == ("triton", False)
 
 
 def _next_pow2(x: int) -> int:
@@ -164,11 +180,21 @@ class Plan:
     # Triton): no head-major copies of the inputs; q is scaled by `scale` as it is loaded
     bthd: bool = False
     scale: float = 1.0
-    piece: int = LIST_PIECE  # entries of an inverted list a dk/dv program walks at most
+    piece: int = LIST_PIECE  # entries of an inverted list a dk/dv program walks, at least
+    long_lists: int = LONG_LISTS  # lists of every query block the partial sums hold at `piece`
 
     @property
     def rows(self) -> int:
         return self.heads_per_tile * self.block
+
+    @property
+    def extra_pieces(self) -> int:
+        """Further-piece programs per (batch, key/value head), each with a float32 `[b, D]` partial
+        sum of dk and of dv: the further pieces of `long_lists` lists of all `n` query blocks at `piece`
+        entries, never more than any selection can use (`ceil(n K / piece)`), at least 1."""
+        n, K = self.num_query_blocks, self.slots
+        worst = -(-n * K // self.piece)
+        return max(1, min(worst, self.long_lists * (-(-n // self.piece) - 1)))
 
     def params(self, head_dim: int, *, key_blocks: bool = False):
         """Triton launch options: 4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; loads
@@ -187,20 +213,27 @@ class Plan:
 
 
 @contextlib.contextmanager
-def launch_options(num_warps: int | None = None, num_stages: int | None = None, *, list_piece: int | None = None):
+def launch_options(num_warps: int | None = None, num_stages: int | None = None, *, list_piece: int | None = None,
+                   long_lists: int | None = None):
     """Compile the Triton programs traced inside with these launch options instead of the defaults
     (4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; 2 pipeline stages), and/or cut the
-    dk/dv inverted lists into pieces of `list_piece` entries instead of `LIST_PIECE` (larger pieces:
-    smaller float32 partial sums, `ceil(n * K / piece)` blocks of each, but a long list keeps fewer
-    programs busy): for tuning them on a GPU (`benchmarks/gpu_check.py`'s launch sweep) and reading
-    their static cost (`benchmarks/triton_sm90.py`). Warps and stages are given together or not at all."""
+    dk/dv inverted lists into pieces of at least `list_piece` entries instead of `LIST_PIECE` (larger
+    pieces: a long list keeps fewer programs busy, and fewer partial sums are needed), and/or size the
+    float32 partial sums for `long_lists` lists of every query block instead of `LONG_LISTS` (more:
+    more memory, and pieces stay short when many blocks are chosen by nearly every query block;
+    `Plan.extra_pieces`): for tuning them on a GPU (`benchmarks/gpu_check.py`'s launch sweep) and
+    reading their static cost (`benchmarks/triton_sm90.py`). Warps and stages are given together or
+    not at all."""
     if (num_warps is None) != (num_stages is None):
         raise ValueError("launch_options: give num_warps and num_stages together")
-    if list_piece is not None and list_piece < 1:
-        raise ValueError(f"launch_options: list_piece {list_piece!r}; allowed: an integer >= 1")
+    for name, x in (("list_piece", list_piece), ("long_lists", long_lists)):
+        if x is not None and (not isinstance(x, int) or x < 1):
+            raise ValueError(f"launch_options: {name} {x!r}; allowed: an integer >= 1")
     tokens = [(_LAUNCH, _LAUNCH.set((int(num_warps), int(num_stages))))] if num_warps is not None else []
     if list_piece is not None:
         tokens.append((_PIECE, _PIECE.set(int(list_piece))))
+    if long_lists is not None:
+        tokens.append((_LONG, _LONG.set(int(long_lists))))
     try:
         yield
     finally:
@@ -213,7 +246,7 @@ def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mas
     family, interpret = kernel_target()
     # compiled for a GPU, a float32 tile weighs twice its elements in shared memory (interpreted,
     # any tile runs: the tests keep stacking heads in float32)
-    wide = _wide(dtype) if (family, interpret) == ("triton", False) else 1
+    wide = _wide(dtype) if _compiled_gpu() else 1
     hp = 1
     while (hp * 2 <= group and group % (hp * 2) == 0
            and 2 * hp * selection.block_size * head_dim * wide <= MAX_TILE_ELEMENTS):
@@ -230,7 +263,8 @@ def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mas
         has_mask=has_mask,
         interpret=interpret,
         tpu=family == "tpu",
-        piece=_PIECE.get() or LIST_PIECE,  # the module constant read now: tests shrink it
+        piece=_PIECE.get() or LIST_PIECE,  # the module constants read now: tests shrink them
+        long_lists=_LONG.get() or LONG_LISTS,
     )
 
 
@@ -255,17 +289,20 @@ def forward_lists(plan: Plan, idx, valid, row_start, qids):
 
 
 def inverted_lists(plan: Plan, idx, valid, row_start):
-    """For each key block, the query blocks that chose it, cut into pieces of `plan.piece`
-    (`LIST_PIECE` unless `launch_options` says otherwise).
+    """For each key block, the query blocks that chose it, cut into pieces.
+
+    Pieces are `plan.piece` entries (`LIST_PIECE` unless `launch_options` says otherwise), or, for a
+    (batch, key/value head) whose lists need more further pieces than the `plan.extra_pieces` partial
+    sums hold, the shortest length that fits them (`piece_length`): every list is still walked once.
 
     Returns `pieces [B, Hk, P, 4]` int32 rows `(key block, first entry, end entry, later)` for the
-    `P = m + ceil(n*K / piece)` programs (a key block's first piece is program `j`, `later` 1
+    `P = m + plan.extra_pieces` programs (a key block's first piece is program `j`, `later` 1
     when further pieces follow it; the pieces after the first follow, in key-block order, `later` 0;
     unused programs have an empty range), and
     `entries [B, Hk, E]` int32: the sorted query blocks (then their row starts), `E` a power of two.
     """
     B, Hk, n, K = idx.shape
-    m, piece = plan.num_key_blocks, plan.piece
+    m = plan.num_key_blocks
     nk = n * K
     qblock = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, K))
     key = jnp.where(valid, idx * n + qblock, m * n).reshape(B, Hk, nk)  # sorted by block, then query
@@ -273,12 +310,12 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     sorted_key = jnp.take_along_axis(key, order, -1)
     bounds = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m + 1) * n)))(sorted_key)  # [B, Hk, m+1]
     start, end = bounds[..., :-1], bounds[..., 1:]
+    piece = piece_length(plan, end - start)[..., None]  # [B, Hk, 1]
     # first piece of block j: program j; further pieces: programs m + (their rank among extras)
     first_end = jnp.minimum(end, start + piece)
-    extra = jnp.maximum(0, -(-(end - start) // piece) - 1)  # [B, Hk, m]
+    extra = _further_pieces(end - start, piece)  # [B, Hk, m]
     extra_before = jnp.cumsum(extra, -1) - extra
-    P_extra = -(-nk // piece)
-    p = jnp.arange(P_extra)
+    p = jnp.arange(plan.extra_pieces)
     # owner block of extra piece p: the last block whose extras start at or before p
     owner = jax.vmap(jax.vmap(lambda eb, ex: jnp.searchsorted(eb + ex, p, side="right")))(extra_before, extra)
     owner_c = jnp.minimum(owner, m - 1)
@@ -300,6 +337,31 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     entries = jnp.concatenate(parts, -1)
     width = _next_pow2(entries.shape[-1])
     return pieces, jnp.pad(entries, ((0, 0), (0, 0), (0, width - entries.shape[-1])))
+
+
+def _further_pieces(lengths, piece):
+    """Programs after the first that lists of `lengths` entries take in pieces of `piece`."""
+    return jnp.maximum(0, -(-lengths // piece) - 1)
+
+
+def piece_length(plan: Plan, lengths):
+    """`[B, Hk]` int32: the entries a dk/dv program walks for each (batch, key/value head) whose
+    inverted lists are `lengths [B, Hk, m]` long: `plan.piece`, or the shortest length above it whose
+    further pieces fit the `plan.extra_pieces` partial sums (a bisection: a longer piece never needs
+    more programs, and one as long as the longest list needs none)."""
+    cap = plan.extra_pieces
+    fits = lambda pc: jnp.sum(_further_pieces(lengths, pc[..., None]), -1) <= cap  # noqa: E731
+    lo = jnp.full(lengths.shape[:-1], plan.piece, jnp.int32)
+    hi = jnp.maximum(lo, jnp.max(lengths, -1).astype(jnp.int32))  # fits: no further piece at all
+
+    def halve(_, bounds):  # invariant: fits(hi); the shortest that fits is in [lo, hi]
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        ok = fits(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    steps = max(1, (plan.num_query_blocks * plan.slots).bit_length())
+    return lax.fori_loop(0, steps, halve, (lo, hi))[1]
 
 
 def piece_owners(plan: Plan, pieces):
@@ -457,8 +519,8 @@ def _dkv_kernel(*refs, plan: Plan):
     block's first piece is left to `_finish_kernel`, which adds the partial sums to it: so dk and dv
     are never held whole in float32 (that was 4 bfloat16-sized arrays, then their rounded copies).
     A program with nothing to write does nothing, not even load its key block: a long block's first
-    piece, and the further-piece programs left over by the worst-case count (most of them: their
-    partial sums are never read, as `piece_owners` ranges cover the used ones only)."""
+    piece, and the further-piece programs this call's lists leave unused (their partial sums are
+    never read, as `piece_owners` ranges cover the used ones only)."""
     dk_ref, dv_ref, dk_extra_ref, dv_extra_ref = refs[-4:]
     pieces_ref = refs[0]
     first, end, later = pieces_ref[1], pieces_ref[2], pieces_ref[3]
@@ -719,7 +781,7 @@ def fused_block_attention(causal: bool, q, k, v, selection, kv_mask=None, *, lay
     Hk, G = (k.shape[2] if bthd else k.shape[1]), selection.group
     if H != Hk * G:
         raise ValueError(f"model.attention: {H} query heads for {Hk} key/value heads and group {G}")
-    reason = unsupported_reason(selection.block_size, D, q.dtype, compiled_gpu=kernel_target() == ("triton", False))
+    reason = unsupported_reason(selection.block_size, D, q.dtype, compiled_gpu=_compiled_gpu())
     if reason:
         raise ValueError(f"model.attention.selection.kernel: 'pallas' cannot run: {reason}")
     plan = make_plan(causal, selection, num_heads=H, head_dim=D, has_mask=kv_mask is not None, dtype=q.dtype)

@@ -12,8 +12,9 @@ import pytest
 
 from sparseformer.attention import attend, block_multiple, init_params, pallas_kernel, pallas_tpu, presets
 from sparseformer.attention.config import selection_kernel
-from sparseformer.attention.kernel_check import random_selection, scan_block_attention
-from sparseformer.attention.selection import choose_blocks, to_blocks
+from sparseformer.attention.kernel_check import (compare, kernel_pair, loss_grads, random_inputs, random_selection,
+                                                 scan_block_attention)
+from sparseformer.attention.selection import Selection, choose_blocks, to_blocks
 from tests.attention.helpers import random_qkv, rel_error
 
 
@@ -104,6 +105,36 @@ def test_unused_slots_are_not_visited():
             np.testing.assert_array_equal(meta[0, h, i, 2 + K : 2 + K + count], start[0, h, i][valid[0, h, i]])
 
 
+def test_more_long_lists_than_the_partial_sums_hold_lengthen_the_pieces():
+    """The dk/dv partial sums are sized for `long_lists` lists of every query block, not the worst
+    case: three key blocks chosen by all 8 query blocks, in pieces of 2, need 3 x 3 further pieces;
+    sized for one long list (3), the pieces grow to the shortest that fit, 4 entries (3 x 1). Every
+    (key block, query block) pair is still walked exactly once, and the gradients equal the `scan`
+    kernel's. Sized for three long lists, the pieces keep their 2 entries."""
+    n, K, b, D = 8, 4, 16, 16
+    idx = np.array([[0, 1, 2, i] for i in range(n)], np.int32)[None, None]  # [1, 1, n, K]
+    valid = np.ones_like(idx, bool)
+    valid[0, 0, :3, 3] = False  # query blocks 0-2 chose their own block already
+    sel = Selection(idx=jnp.asarray(idx), valid=jnp.asarray(valid), qids=jnp.arange(n), block_size=b,
+                    num_key_blocks=n)
+    expected = sorted((int(j), i) for i in range(n) for j, ok in zip(idx[0, 0, i], valid[0, 0, i]) if ok)
+    q, k, v, w_out, w_lse = random_inputs(0, B=1, H=1, Hk=1, T=n * b, D=D, dtype=jnp.float32)
+    _, scan = kernel_pair(False, sel)
+    reference = jax.jit(loss_grads(scan, w_out, w_lse))(q, k, v)
+    for long_lists, extra, piece in ((1, 3, 4), (3, 9, 2)):
+        with pallas_kernel.launch_options(list_piece=2, long_lists=long_lists):
+            plan = pallas_kernel.make_plan(False, sel, num_heads=1, head_dim=D, has_mask=False)
+            pieces, entries = (np.asarray(x)[0, 0] for x in pallas_kernel.inverted_lists(plan, sel.idx, sel.valid, None))
+            fused, _ = kernel_pair(False, sel)
+            got = jax.jit(loss_grads(fused, w_out, w_lse))(q, k, v)
+        assert plan.extra_pieces == extra and pieces.shape[0] == n + extra
+        walked = sorted((int(j), int(entries[t])) for j, first, end, _ in pieces for t in range(first, end))
+        assert walked == expected
+        assert max(end - first for _, first, end, _ in pieces) == piece
+        errors, _, ok = compare(got, reference, jnp.float32)
+        assert ok, errors
+
+
 def test_tpu_lists_too_large_for_scalar_memory_are_refused(monkeypatch):
     monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET", 64)
     q, k, v = random_qkv(jax.random.key(0), T=128, D=16)
@@ -188,6 +219,11 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads):
     results = re.findall(r"tensor<([0-9x]+)x([a-z]+[0-9]+)>", calls["sparseformer_block_sparse_dkv"].split("->")[-1])
     grads = [dtype for dims, dtype in results if dims.count("x") == 3]  # the rank-4 results: dk, dv
     assert grads == ["bf16", "bf16"], results
+    # the float32 partial sums, `[1, Hk, further pieces, b, D]` each: room for 2 lists of all n query
+    # blocks in pieces of 16 (not the worst case's ceil(8 n / 16) blocks)
+    n = T // block
+    partial = f"1x{Hk}x{2 * (n // 16 - 1)}x{block}x{head_dim}"
+    assert [r for r in results if r[0].count("x") == 4] == [(partial, "f32")] * 2, results
     assert "output_operand_aliases" in calls["sparseformer_block_sparse_dkv_finish"]
     assert "f32" not in calls["sparseformer_block_sparse_dq"].split("->")[-1]  # dq too, either layout
 
