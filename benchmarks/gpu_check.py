@@ -16,8 +16,8 @@
    its Mosaic GPU one (forward) is the measured hint for which backend a sparse kernel should use.
 
 4. With `--tune`: the launch sweep, the kernel as `attend` calls it compiled with each (num_warps,
-   num_stages) of `LAUNCHES`, then with each dk/dv list piece of `PIECES` and with the partial sums
-   sized for each count of long lists of `LONG_LISTS`, at 16K, bidirectional and causal
+   num_stages) of `LAUNCHES`, then with each dk/dv list piece of `PIECES`, at 16K, bidirectional and
+   causal; then with 4 sinks, the partial sums sized for each count of long lists of `LONG_LISTS`
    (`pallas_kernel.launch_options`);
    `benchmarks/triton_sm90.py` gives the same programs' registers and shared memory without a GPU.
 
@@ -145,10 +145,10 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeat
 # (num_warps, num_stages) tried by the launch sweep; the default at blocks of 64 and head dim 64 is (4, 2)
 LAUNCHES = ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3))
 PIECES = (64,)  # dk/dv list pieces tried beside the default `LIST_PIECE`, at the default launch
-# long lists the dk/dv partial sums are sized for, tried beside the default `LONG_LISTS`: 8, all of
-# rsa's 8 slots on blocks that every query block chose (120 partial sums at 16K, where the sizing
-# before `LONG_LISTS` took 128, `ceil(n K / 16)`)
-LONG_LISTS = (8,)
+# long lists the dk/dv partial sums are sized for, tried beside the default `LONG_LISTS` (4) with 4
+# sinks at 16K: 2 and 1 hold fewer of the sinks' further pieces, so their pieces grow to 32 and 64
+# entries (the cost of growing, measured)
+LONG_LISTS = (2, 1)
 
 
 def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launches=LAUNCHES, pieces=PIECES,
@@ -212,10 +212,10 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
     return row
 
 
-# (length, causal, launch_sweep options) of the tune stage: every launch at 16K, bidirectional and
-# causal; then, with 4 sinks (more long lists than the partial sums hold by default), the default
-# against partial sums for 8 long lists
-TUNE_SWEEPS = ((16384, False, {}), (16384, True, {}), (16384, False, dict(sinks=4, launches=None, pieces=())))
+# (length, causal, launch_sweep options) of the tune stage: every launch and list piece at 16K,
+# bidirectional and causal; then, with 4 sinks, the default partial sums against fewer (`LONG_LISTS`)
+TUNE_SWEEPS = ((16384, False, dict(long_lists=())), (16384, True, dict(long_lists=())),
+               (16384, False, dict(sinks=4, launches=None, pieces=())))
 
 
 def tune(out_dir: str, sweeps=TUNE_SWEEPS, **common) -> int:

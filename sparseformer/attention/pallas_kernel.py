@@ -64,10 +64,12 @@ from sparseformer.attention.dense import LOG0, softmax_delta
 # when a call's long lists need more further pieces than the partial sums hold: `LONG_LISTS`).
 LIST_PIECE = 16
 # The dk/dv float32 partial sums hold the further pieces of this many lists of every query block at
-# `LIST_PIECE` entries (a global block, an attention sink): `[B, Hk, LONG_LISTS * (ceil(n / piece) - 1),
-# b, D]` each, 8 / piece of a bfloat16 `[B, T, Hk, D]` array for dk and dv together, where the worst
-# case (all `K` slots of every query block on `K` blocks) takes 4 K / piece.
-LONG_LISTS = 2
+# `LIST_PIECE` entries (a global block, an attention sink; or many shorter lists, as rsa's choice on
+# topic-segmented inputs makes): `[B, Hk, LONG_LISTS * (ceil(n / piece) - 1), b, D]` each, 16 / piece
+# of a bfloat16 `[B, T, Hk, D]` array for dk and dv together, where the worst case (all `K` slots of
+# every query block on `K` blocks) takes 4 K / piece. BENCHMARKS.md ("Partial sums for long lists")
+# has what rsa's lists need on the benchmark's inputs.
+LONG_LISTS = 4
 # Rows x head dim of one program's query tile at most, in 16-bit elements (the accumulator lives in
 # registers, the tiles in shared memory: a float32 tile counts twice on a GPU).
 MAX_TILE_ELEMENTS = 128 * 128

@@ -236,17 +236,18 @@ def test_launch_sweep_times_each_launch_and_names_the_fastest():
     assert row["default"] == "4x2" and set(row["launches"]) == {"4x1", "4x2", "piece 2", "long lists 8"}
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in row["launches"].values()), row
     # 4 query blocks: in pieces of 16 no list has a further piece, whatever the long lists (1 partial
-    # sum, the least); in pieces of 2, 2 long lists x (4 / 2 - 1) = 2
+    # sum, the least); in pieces of 2, 4 long lists x (4 / 2 - 1) = 4
     parts = {name: r["partial_sums_mib"] for name, r in row["launches"].items()}
-    assert parts["piece 2"] == 2 * parts["long lists 8"] == 2 * parts["4x2"] == 2 * parts["4x1"] > 0, parts
+    assert parts["piece 2"] == 4 * parts["long lists 8"] == 4 * parts["4x2"] == 4 * parts["4x1"] > 0, parts
     assert row["best_fwd_bwd_ms"] in row["launches"] and row["best_vs_default_fwd_bwd_ms"] >= 1.0
     json.dumps(row)
 
 
 def test_the_sweep_with_more_sinks_than_long_lists_shows_the_pieces_grow(monkeypatch):
-    """4 sinks (blocks every query block chose) in pieces of 4: 16 query blocks need 4 x 3 further
-    pieces; the default partial sums hold 2 x 3, so the pieces grow to 8 (4 x 1 fit, 7 would need
-    8); sized for 8 long lists (24 partial sums, 4x the memory) they stay at 4."""
+    """4 sinks (blocks every query block chose) in pieces of 4: 16 query blocks need at least 4 x 3
+    further pieces. The default partial sums hold 4 long lists (12), one long list 3: the pieces the
+    sweep records are the shortest whose further pieces fit each (counted here piece by piece), and
+    one long list's are longer, with a quarter of the memory."""
     from sparseformer.attention import pallas_kernel
 
     monkeypatch.setattr(pallas_kernel, "LIST_PIECE", 4)
@@ -254,25 +255,33 @@ def test_the_sweep_with_more_sinks_than_long_lists_shows_the_pieces_grow(monkeyp
     idx, valid = np.asarray(sel.idx[0, 0]), np.asarray(sel.valid[0, 0])
     for j in range(4):  # every query block chose each sink once
         assert all(((idx[i] == j) & valid[i]).sum() == 1 for i in range(16))
-    row = gpu_check.launch_sweep(512, b=32, D=16, H=1, dtype=jnp.float32, launches=None, pieces=(), long_lists=(8,),
+    lengths = np.bincount(idx[valid], minlength=16)
+
+    def shortest(room):  # the shortest piece >= 4 whose further pieces fit `room` partial sums
+        return next(p for p in range(4, 17) if np.maximum(0, -(-lengths // p) - 1).sum() <= room)
+
+    row = gpu_check.launch_sweep(512, b=32, D=16, H=1, dtype=jnp.float32, launches=None, pieces=(), long_lists=(1,),
                                  sinks=4, repeats=1, warmup=0)
-    assert row["sinks"] == 4 and set(row["launches"]) == {row["default"], "long lists 8"}
-    default, wide = row["launches"][row["default"]], row["launches"]["long lists 8"]
-    assert (default["piece_walked"], wide["piece_walked"]) == (8, 4)
-    assert wide["partial_sums_mib"] == 4 * default["partial_sums_mib"] > 0
+    assert row["sinks"] == 4 and row["default_long_lists"] == 4
+    assert set(row["launches"]) == {row["default"], "long lists 1"}
+    default, narrow = row["launches"][row["default"]], row["launches"]["long lists 1"]
+    assert (default["piece_walked"], narrow["piece_walked"]) == (shortest(12), shortest(3))
+    assert 4 <= default["piece_walked"] < narrow["piece_walked"]
+    assert default["partial_sums_mib"] == 4 * narrow["partial_sums_mib"] > 0
 
 
 def test_the_tune_stage_writes_every_sweep_and_its_summary(tmp_path, capsys):
     """`gpu_check.py --tune` (gpu.sh's last stage) as it runs there, on tiny shapes: a row per sweep
     in tune.json, and the summary names each piece and long-lists variant against the default."""
-    sweeps = ((256, False, dict(launches=((4, 2),), pieces=(2,))), (256, True, dict(sinks=2, launches=None, pieces=())))
+    sweeps = ((256, False, dict(launches=((4, 2),), pieces=(2,), long_lists=())),
+              (256, True, dict(sinks=2, launches=None, pieces=(), long_lists=(2, 1))))
     assert gpu_check.tune(str(tmp_path), sweeps, b=32, D=16, H=1, dtype=jnp.float32, repeats=1, warmup=0) == 0
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
     assert [(r["causal"], r["sinks"], sorted(r["launches"])) for r in rows] == [
-        (False, 1, ["4x2", "long lists 8", "piece 2"]), (True, 2, ["4x2", "long lists 8"])]
+        (False, 1, ["4x2", "piece 2"]), (True, 2, ["4x2", "long lists 1", "long lists 2"])]
     printed = capsys.readouterr().out
-    assert printed.count("x the time of piece 16 with 2 long lists") == 3, printed
-    assert "T=256 causal sinks 2: long lists 8" in printed
+    assert printed.count("x the time of piece 16 with 4 long lists") == 3, printed
+    assert "T=256 causal sinks 2: long lists 1" in printed
 
 
 def test_launch_options_reach_the_gpu_programs():
@@ -311,9 +320,9 @@ def test_list_piece_option_reaches_the_plan_and_keeps_the_result():
             pieces, _ = pallas_kernel.inverted_lists(plan, sel.idx[:, :1], sel.valid[:, :1], None)
             results[piece, long_lists] = (plan.piece, pieces.shape[2], jax.jit(grads)(q, k, v))
     n, K = sel.idx.shape[2:]  # 16 query blocks, 8 slots
-    # further-piece programs: 2 long lists' (16 / piece - 1 each), at most ceil(n K / piece)
-    assert results[None, None][:2] == (pallas_kernel.LIST_PIECE, n + 1)  # min(2 x 0, 8): at least 1
-    assert results[4, None][:2] == (4, n + 2 * 3)
+    # further-piece programs: 4 long lists' (16 / piece - 1 each), at most ceil(n K / piece)
+    assert results[None, None][:2] == (pallas_kernel.LIST_PIECE, n + 1)  # min(4 x 0, 8): at least 1
+    assert results[4, None][:2] == (4, n + 4 * 3)
     assert results[4, 8][:2] == (4, n + 8 * 3)  # of ceil(n K / 4) = 32 at most
     for other in ((4, None), (4, 8)):
         for a, c in zip(results[None, None][2], results[other][2], strict=True):
