@@ -93,10 +93,25 @@ def _target(family: str, interpret: bool):
         _TARGET.reset(token)
 
 
+@contextlib.contextmanager
 def compile_for_gpu():
     """Lower the kernel for the GPU even when the default backend is the CPU (no interpret mode):
-    for `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a machine without a GPU."""
-    return _target("triton", False)
+    for `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a machine without a GPU.
+    Without a GPU, the lowering targets an abstract H200 (`_abstract_gpu`)."""
+    with _target("triton", False), _abstract_gpu():
+        yield
+
+
+def _abstract_gpu():
+    """The GPU model the Triton lowering reads when there is no GPU: an abstract H200 (compute
+    capability 9.0). jax 0.10 assumed 9.0 when it found no GPU; jax 0.11 raises instead, unless an
+    abstract device says which GPU is meant. Its mesh axes are `Auto`, so code traced inside keeps
+    its own sharding behaviour. Used under both versions (0.10.2 lowers the same kernels with it)."""
+    if jax.devices()[0].platform == "gpu":  # a real GPU: jax reads its model itself
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), (jax.sharding.AxisType.Auto,), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def compile_for_tpu():
