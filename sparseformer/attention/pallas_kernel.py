@@ -52,6 +52,7 @@ import contextvars
 import dataclasses
 import functools
 import importlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -361,24 +362,31 @@ def _further_pieces(lengths, piece):
     return jnp.maximum(0, -(-lengths // piece) - 1)
 
 
+def piece_ladder(plan: Plan) -> tuple[int, ...]:
+    """The lengths a dk/dv piece may take, shortest first: every length from `plan.piece` to twice
+    it, then steps of 2**(1/4) (19%), up to `n` (no list is longer: a query block chooses a key
+    block once)."""
+    piece, n = plan.piece, plan.num_query_blocks
+    ladder = list(range(piece, 2 * piece + 1))
+    while ladder[-1] < n:
+        ladder.append(max(ladder[-1] + 1, math.ceil(ladder[-1] * 2**0.25)))
+    return tuple(ladder)
+
+
 def piece_length(plan: Plan, lengths):
     """`[B, Hk]` int32: the entries a dk/dv program walks for each (batch, key/value head) whose
-    inverted lists are `lengths [B, Hk, m]` long: `plan.piece`, or the shortest length above it whose
-    further pieces fit the `plan.extra_pieces` partial sums (a bisection: a longer piece never needs
-    more programs, and one as long as the longest list needs none)."""
-    cap = plan.extra_pieces
-    fits = lambda pc: jnp.sum(_further_pieces(lengths, pc[..., None]), -1) <= cap  # noqa: E731
-    lo = jnp.full(lengths.shape[:-1], plan.piece, jnp.int32)
-    hi = jnp.maximum(lo, jnp.max(lengths, -1).astype(jnp.int32))  # fits: no further piece at all
-
-    def halve(_, bounds):  # invariant: fits(hi); the shortest that fits is in [lo, hi]
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        ok = fits(mid)
-        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-
-    steps = max(1, (plan.num_query_blocks * plan.slots).bit_length())
-    return lax.fori_loop(0, steps, halve, (lo, hi))[1]
+    inverted lists are `lengths [B, Hk, m]` long: the shortest length of `piece_ladder` whose further
+    pieces fit the `plan.extra_pieces` partial sums (`plan.piece` unless the lists need more). All
+    the ladder's lengths are tried at once: one small fused reduction, no loop, so the backward pass
+    waits on nothing sequential (a bisection's loop would be a dozen dependent steps on a GPU). Past
+    the ladder's end (a list longer than `n`, which a valid selection does not make) the longest
+    list's length, which needs no further piece."""
+    ladder = jnp.asarray(piece_ladder(plan), jnp.int32)  # [c]
+    needed = jnp.sum(_further_pieces(lengths[..., None, :], ladder[:, None]), -1)  # [B, Hk, c]
+    fits = needed <= plan.extra_pieces
+    shortest = jnp.min(jnp.where(fits, ladder, jnp.iinfo(jnp.int32).max), -1)
+    longest = jnp.maximum(jnp.max(lengths, -1), plan.piece).astype(jnp.int32)
+    return jnp.where(jnp.any(fits, -1), shortest, longest)
 
 
 def piece_owners(plan: Plan, pieces):

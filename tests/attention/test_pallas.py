@@ -135,6 +135,27 @@ def test_more_long_lists_than_the_partial_sums_hold_lengthen_the_pieces():
         assert ok, errors
 
 
+def test_piece_length_is_the_shortest_ladder_length_that_fits_without_a_loop():
+    """Random list lengths, several room sizes: the piece is the shortest of `piece_ladder` whose
+    further pieces fit (counted here in Python), and it is computed without a loop (a loop's
+    dependent steps would each wait on the last on a GPU, in every backward pass)."""
+    rng = np.random.default_rng(0)
+    sel = random_selection(rng, B=2, Hk=3, G=1, n=40, K=8, b=16, causal=False, row_starts=False, p_valid=0.9)
+    lengths = jnp.asarray(rng.integers(0, 41, size=(2, 3, 40)), jnp.int32)
+    for long_lists in (1, 2, 4, 8):
+        with pallas_kernel.launch_options(list_piece=4, long_lists=long_lists):
+            plan = pallas_kernel.make_plan(False, sel, num_heads=3, head_dim=16, has_mask=False)
+        got = np.asarray(pallas_kernel.piece_length(plan, lengths))
+        for bb in range(2):
+            for h in range(3):
+                L = np.asarray(lengths[bb, h])
+                want = next(p for p in pallas_kernel.piece_ladder(plan)
+                            if np.maximum(0, -(-L // p) - 1).sum() <= plan.extra_pieces)
+                assert got[bb, h] == want, (long_lists, bb, h)
+    jaxpr = str(jax.make_jaxpr(lambda L: pallas_kernel.piece_length(plan, L))(lengths))
+    assert "while" not in jaxpr and "scan" not in jaxpr
+
+
 def test_tpu_lists_too_large_for_scalar_memory_are_refused(monkeypatch):
     monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET", 64)
     q, k, v = random_qkv(jax.random.key(0), T=128, D=16)

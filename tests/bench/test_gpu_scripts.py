@@ -246,8 +246,9 @@ def test_launch_sweep_times_each_launch_and_names_the_fastest():
 def test_the_sweep_with_more_sinks_than_long_lists_shows_the_pieces_grow(monkeypatch):
     """4 sinks (blocks every query block chose) in pieces of 4: 16 query blocks need at least 4 x 3
     further pieces. The default partial sums hold 4 long lists (12), one long list 3: the pieces the
-    sweep records are the shortest whose further pieces fit each (counted here piece by piece), and
-    one long list's are longer, with a quarter of the memory."""
+    sweep records are the shortest of the kernel's ladder whose further pieces fit each (counted here
+    piece by piece; a piece longer than a list walks the list), and one long list's are longer, with
+    a quarter of the memory."""
     from sparseformer.attention import pallas_kernel
 
     monkeypatch.setattr(pallas_kernel, "LIST_PIECE", 4)
@@ -257,8 +258,12 @@ def test_the_sweep_with_more_sinks_than_long_lists_shows_the_pieces_grow(monkeyp
         assert all(((idx[i] == j) & valid[i]).sum() == 1 for i in range(16))
     lengths = np.bincount(idx[valid], minlength=16)
 
-    def shortest(room):  # the shortest piece >= 4 whose further pieces fit `room` partial sums
-        return next(p for p in range(4, 17) if np.maximum(0, -(-lengths // p) - 1).sum() <= room)
+    plan = pallas_kernel.make_plan(False, sel, num_heads=1, head_dim=16, has_mask=False)
+    assert pallas_kernel.piece_ladder(plan) == (4, 5, 6, 7, 8, 10, 12, 15, 18)
+
+    def shortest(room):  # the walk of the shortest ladder piece whose further pieces fit `room` partial sums
+        piece = next(p for p in pallas_kernel.piece_ladder(plan) if np.maximum(0, -(-lengths // p) - 1).sum() <= room)
+        return min(piece, lengths.max())
 
     row = gpu_check.launch_sweep(512, b=32, D=16, H=1, dtype=jnp.float32, launches=None, pieces=(), long_lists=(1,),
                                  sinks=4, repeats=1, warmup=0)
