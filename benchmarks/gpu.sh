@@ -16,7 +16,7 @@
 #   6. tune    benchmarks/gpu_check.py --tune: the fused kernel compiled with each (num_warps,
 #              num_stages), then with dk/dv list pieces of 64, at 16K, bidirectional and causal;
 #              then with 4 sinks, partial sums for 4 long lists (the default) against 2 and 1
-#              (pieces grown to 32 and 64) (skipped if the check failed)
+#              (pieces grown to 32 and 67) (skipped if the check failed)
 #
 #   benchmarks/gpu.sh OUT_DIR [STAGE ...]        (default: all six stages)
 #

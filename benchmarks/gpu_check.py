@@ -146,7 +146,7 @@ def kernel_speed(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, repeat
 LAUNCHES = ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3))
 PIECES = (64,)  # dk/dv list pieces tried beside the default `LIST_PIECE`, at the default launch
 # long lists the dk/dv partial sums are sized for, tried beside the default `LONG_LISTS` (4) with 4
-# sinks at 16K: 2 and 1 hold fewer of the sinks' further pieces, so their pieces grow to 32 and 64
+# sinks at 16K: 2 and 1 hold fewer of the sinks' further pieces, so their pieces grow to 32 and 67
 # entries (the cost of growing, measured)
 LONG_LISTS = (2, 1)
 
