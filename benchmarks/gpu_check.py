@@ -168,16 +168,13 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
     plan = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False)
     default = plan.params(D)
 
-    def partial_sums_mib(options) -> float:  # [B, Hk, extra pieces, b, D] float32, dk and dv
-        with pallas_kernel.launch_options(**options):
-            p = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False)
-        return 2 * sel.idx.shape[1] * p.extra_pieces * b * D * 4 / 2**20
-
-    def piece_walked(options) -> int:  # the longest piece a dk/dv program walks (pieces grow past the sums)
+    def lists(options) -> dict:  # a variant's dk/dv lists: partial sums and the longest piece walked
         with pallas_kernel.launch_options(**options):
             p = pallas_kernel.make_plan(causal, sel, num_heads=H, head_dim=D, has_mask=False)
         pieces, _ = pallas_kernel.inverted_lists(p, sel.idx, sel.valid, None)
-        return int(jnp.max(pieces[..., 2] - pieces[..., 1]))
+        return {"piece_walked": int(jnp.max(pieces[..., 2] - pieces[..., 1])),  # pieces grow past the sums
+                # [B, Hk, extra pieces, b, D] float32, dk and dv
+                "partial_sums_mib": 2 * sel.idx.shape[1] * p.extra_pieces * b * D * 4 / 2**20}
 
     row = {"T": T, "causal": causal, "sinks": sinks, "block": b, "head_dim": D, "pairs": pairs,
            "default": f"{default.num_warps}x{default.num_stages}", "default_piece": plan.piece,
@@ -187,7 +184,7 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
     variants += [(f"piece {piece}", dict(list_piece=piece)) for piece in pieces if piece != plan.piece]
     variants += [(f"long lists {n}", dict(long_lists=n)) for n in long_lists if n != plan.long_lists]
     for name, options in variants:
-        lists = {key: options[key] for key in ("list_piece", "long_lists") if key in options}
+        list_options = {key: options[key] for key in ("list_piece", "long_lists") if key in options}
         with pallas_kernel.launch_options(**options):  # read while tracing: the first call is inside
             def fwd(q, k, v):  # noqa: ANN001, ANN202
                 return pallas_kernel.fused_block_attention(causal, q, k, v, sel, layout="BTHD", scale=D**-0.5)[0]
@@ -195,10 +192,9 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
             grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v) * w), argnums=(0, 1, 2))
             try:
                 row["launches"][name] = {
-                    "piece_walked": piece_walked(lists),
                     "fwd_ms": _median_ms(jax.jit(fwd), q, k, v, repeats=repeats, warmup=warmup),
                     "fwd_bwd_ms": _median_ms(jax.jit(grad), q, k, v, repeats=repeats, warmup=warmup),
-                    "partial_sums_mib": partial_sums_mib(lists),
+                    **lists(list_options),
                 }
             except Exception as e:  # noqa: BLE001
                 row["launches"][name] = {"error": f"{type(e).__name__}: {e}"}

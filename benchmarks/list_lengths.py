@@ -30,7 +30,8 @@ from sparseformer.attention import pallas_kernel, presets
 from sparseformer.attention.selection import causal_queries, choose_blocks, to_blocks
 from sparseformer.bench import inputs as bench_inputs
 
-INPUTS = ("random", "peaky", "needle", "needle_groups", "topics", "local")
+# the benchmark's timing input and its fidelity inputs (`inputs.INPUT_KINDS`), by name
+INPUTS = {"random": lambda *shape, causal: bench_inputs.random_qkv(*shape), **bench_inputs.INPUT_KINDS}
 
 
 def list_needs(preset: str, kind: str, T: int, *, causal: bool = False, H: int = 8, D: int = 64) -> dict:
@@ -38,8 +39,7 @@ def list_needs(preset: str, kind: str, T: int, *, causal: bool = False, H: int =
     their pieces need, per head."""
     cfg = presets.get(preset).selection
     b, n = cfg.block_size, T // cfg.block_size
-    make = getattr(bench_inputs, f"{kind}_qkv")
-    q, k = (jnp.asarray(x) for x in (make(1, T, H, D, causal=causal) if kind != "random" else make(1, T, H, D))[:2])
+    q, k = (jnp.asarray(x) for x in INPUTS[kind](1, T, H, D, causal=causal)[:2])
     qh, kh = jnp.swapaxes(q, 1, 2) * D**-0.5, jnp.swapaxes(k, 1, 2)  # head-major, scale in q (as attend)
     qids = jnp.arange(n)
     q_est = causal_queries(qh, qids, b, cfg.causal_choice, cfg.anchors) if causal else to_blocks(qh, b)
