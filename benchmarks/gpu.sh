@@ -14,9 +14,10 @@
 #   5. breakdown  benchmarks/breakdown.py: where rsa's time goes (choice, exact kernel, compressed
 #              branch, the rest) at 4K/16K/64K, bidirectional, and causal at 16K
 #   6. tune    benchmarks/gpu_check.py --tune: the fused kernel compiled with each (num_warps,
-#              num_stages), then with dk/dv list pieces of 64, at 16K, bidirectional and causal;
-#              then with 4 sinks, partial sums for 4 long lists (the default) against 2 and 1
-#              (pieces grown to 32 and 67) (skipped if the check failed)
+#              num_stages), then with dk/dv list pieces of 64, the dk/dv programs' other order and
+#              the finish kernel walking first pieces, at 16K, bidirectional and causal; then with
+#              4 sinks, partial sums for 4 long lists (the default) against 2 and 1 (pieces grown
+#              to 32 and 67) (skipped if the check failed)
 #
 #   benchmarks/gpu.sh OUT_DIR [STAGE ...]        (default: all six stages)
 #

@@ -16,9 +16,10 @@
    its Mosaic GPU one (forward) is the measured hint for which backend a sparse kernel should use.
 
 4. With `--tune`: the launch sweep, the kernel as `attend` calls it compiled with each (num_warps,
-   num_stages) of `LAUNCHES`, then with each dk/dv list piece of `PIECES`, at 16K, bidirectional and
-   causal; then with 4 sinks, the partial sums sized for each count of long lists of `LONG_LISTS`
-   (`pallas_kernel.launch_options`);
+   num_stages) of `LAUNCHES`, then with each dk/dv list piece of `PIECES` and each of the dk/dv
+   kernels' other ways of `DKV_VARIANTS` (their programs' order; the finish kernel walking long
+   lists' first pieces), at 16K, bidirectional and causal; then with 4 sinks, the partial sums sized
+   for each count of long lists of `LONG_LISTS` (`pallas_kernel.launch_options`);
    `benchmarks/triton_sm90.py` gives the same programs' registers and shared memory without a GPU.
 
 Writes OUT_DIR/check.json (or tune.json) and prints a short table. Exit status 1 if a correctness
@@ -149,18 +150,35 @@ PIECES = (64,)  # dk/dv list pieces tried beside the default `LIST_PIECE`, at th
 # sinks at 16K: 2 and 1 hold fewer of the sinks' further pieces, so their pieces grow to 32 and 67
 # entries (the cost of growing, measured)
 LONG_LISTS = (2, 1)
+# the dk/dv kernels' other ways, each tried beside the default (`benchmarks/list_lengths.py` models
+# both): the programs' order (`pallas_kernel.EXTRAS_FIRST`), and whether the finish kernel walks long
+# lists' first pieces or only adds partial sums (`pallas_kernel.FINISH_WALKS_FIRST`)
+def _order_name(extras_first: bool) -> str:
+    return f"further pieces {'first' if extras_first else 'last'}"
+
+
+def _finish_name(finish_walks_first: bool) -> str:
+    return f"finish {'walks first pieces' if finish_walks_first else 'adds only'}"
+
+
+DKV_VARIANTS = (
+    (_order_name(not pallas_kernel.EXTRAS_FIRST), dict(extras_first=not pallas_kernel.EXTRAS_FIRST)),
+    (_finish_name(not pallas_kernel.FINISH_WALKS_FIRST), dict(finish_walks_first=not pallas_kernel.FINISH_WALKS_FIRST)),
+)
 
 
 def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launches=LAUNCHES, pieces=PIECES,
-                 long_lists=LONG_LISTS, sinks=1, repeats=20, warmup=3):
+                 long_lists=LONG_LISTS, dkv=DKV_VARIANTS, sinks=1, repeats=20, warmup=3):
     """The fused kernel as `attend` calls it (reading `[B, T, H, D]` in place, rsa's budget with
     `sinks` blocks chosen by every query block) compiled with each (num_warps, num_stages) of
     `launches` (None: the default alone), then at the default launch with each dk/dv list piece of
     `pieces` (`piece N`; the sinks' inverted lists are the long ones pieces cut) and with the partial
     sums sized for each of `long_lists` (`long lists N`; fewer than the sinks make their pieces
-    longer): forward and forward+backward medians, and which is fastest. Each variant's float32
-    partial-sum buffers (dk and dv, `Plan.extra_pieces` blocks each) are recorded beside its time. A
-    variant that fails to compile or run is recorded and the others still run."""
+    longer) and with each of the dk/dv kernels' other ways of `dkv` (`(name, launch_options)`: the
+    programs' order, the finish kernel adding partial sums only): forward and forward+backward
+    medians, and which is fastest. Each variant's float32 partial-sum buffers (dk and dv,
+    `Plan.extra_pieces` blocks each) are recorded beside its time. A variant that fails to compile
+    or run is recorded and the others still run."""
     sel, pairs = rsa_like_selection(T, b=b, H=H, causal=causal, sinks=sinks)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(key, (1, T, H, D), dtype) for key in keys[:3])
@@ -178,13 +196,15 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
 
     row = {"T": T, "causal": causal, "sinks": sinks, "block": b, "head_dim": D, "pairs": pairs,
            "default": f"{default.num_warps}x{default.num_stages}", "default_piece": plan.piece,
-           "default_long_lists": plan.long_lists, "launches": {}}
+           "default_long_lists": plan.long_lists,
+           "default_dkv": f"{_order_name(plan.extras_first)}, {_finish_name(plan.finish_walks_first)}", "launches": {}}
     launches = ((default.num_warps, default.num_stages),) if launches is None else launches
     variants = [(f"{warps}x{stages}", dict(num_warps=warps, num_stages=stages)) for warps, stages in launches]
     variants += [(f"piece {piece}", dict(list_piece=piece)) for piece in pieces if piece != plan.piece]
     variants += [(f"long lists {n}", dict(long_lists=n)) for n in long_lists if n != plan.long_lists]
+    variants += list(dkv)
     for name, options in variants:
-        list_options = {key: options[key] for key in ("list_piece", "long_lists") if key in options}
+        list_options = {key: x for key, x in options.items() if key not in ("num_warps", "num_stages")}
         with pallas_kernel.launch_options(**options):  # read while tracing: the first call is inside
             def fwd(q, k, v):  # noqa: ANN001, ANN202
                 return pallas_kernel.fused_block_attention(causal, q, k, v, sel, layout="BTHD", scale=D**-0.5)[0]
@@ -208,10 +228,11 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
     return row
 
 
-# (length, causal, launch_sweep options) of the tune stage: every launch and list piece at 16K,
-# bidirectional and causal; then, with 4 sinks, the default partial sums against fewer (`LONG_LISTS`)
+# (length, causal, launch_sweep options) of the tune stage: every launch, list piece and dk/dv way at
+# 16K, bidirectional and causal; then, with 4 sinks, the default partial sums against fewer
+# (`LONG_LISTS`)
 TUNE_SWEEPS = ((16384, False, dict(long_lists=())), (16384, True, dict(long_lists=())),
-               (16384, False, dict(sinks=4, launches=None, pieces=())))
+               (16384, False, dict(sinks=4, launches=None, pieces=(), dkv=())))
 
 
 def tune(out_dir: str, sweeps=TUNE_SWEEPS, **common) -> int:
@@ -232,9 +253,11 @@ def tune(out_dir: str, sweeps=TUNE_SWEEPS, **common) -> int:
               f"fwd+bwd {row.get('best_fwd_bwd_ms')} ({row.get('best_vs_default_fwd_bwd_ms', float('nan')):.2f}x)")
         base = row["launches"].get(row["default"], {})
         for name, r in row["launches"].items():
-            if name.startswith(("piece", "long lists")) and "fwd_bwd_ms" in r and "fwd_bwd_ms" in base:
+            other = name.startswith(("piece", "long lists", "further", "finish"))
+            if other and "fwd_bwd_ms" in r and "fwd_bwd_ms" in base:
                 print(f"{case}: {name}: fwd+bwd {r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x the time of piece "
-                      f"{row['default_piece']} with {row['default_long_lists']} long lists, pieces walked "
+                      f"{row['default_piece']} with {row['default_long_lists']} long lists, "
+                      f"{row['default_dkv']}, pieces walked "
                       f"{r['piece_walked']} (against {base['piece_walked']}), partial sums "
                       f"{r['partial_sums_mib']:.0f} MiB (against {base['partial_sums_mib']:.0f})")
     return 0

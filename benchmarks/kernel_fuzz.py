@@ -8,7 +8,9 @@ them, one per seed (the same seed, the same case): 1-6 query blocks of 16 or 32 
 16 or 32, 1-2 batch rows, GQA groups of 1, 2 or 4, 1 to n+2 slots with 0-100% of them valid (with
 or without the diagonal block, so a query block may choose nothing), causal or not, row starts,
 key padding (none, a tail, a gap, a whole block, all but the first key), dk/dv list pieces of 1, 2,
-3 or 16 with partial sums for 1, 2 or 8 long lists (so pieces sometimes have to grow), tiles of one or
+3 or 16 with partial sums for 1, 2 or 8 long lists (so pieces sometimes have to grow), the
+further pieces' programs first or last, and the finish kernel walking long lists' first pieces or
+only adding partial sums, tiles of one or
 two heads (on a CPU), head-major or `[B, T, H, D]` inputs, float32 or bfloat16,
 and one case in three a run of the query blocks against all the keys (a decoding step or a chunk
 of a prefill, `query_block`). On a
@@ -50,7 +52,8 @@ def draw_case(seed: int) -> dict:
                 causal=bool(rng.random() < 0.5), row_starts=bool(rng.random() < 0.4), padding=pick(PADDINGS),
                 piece=pick((1, 2, 3, 16)), heads_a_tile=pick((1, 2)), layout=pick(("BHTD", "BTHD")),
                 target=pick(("triton", "tpu")), dtype=pick(("float32", "bfloat16")), queries=_query_blocks(rng, n),
-                long_lists=pick((1, 2, 8)))  # drawn last: the earlier draws of a seed are as they were
+                long_lists=pick((1, 2, 8)), extras_first=pick((True, False)),  # drawn last: a seed's earlier
+                finish_walks_first=pick((True, False)))  # draws stay as they were
 
 
 def _query_blocks(rng: np.random.Generator, n: int) -> list[int] | None:
@@ -80,8 +83,8 @@ def key_mask(padding: str, B: int, T: int, b: int) -> jax.Array | None:
 
 @contextlib.contextmanager
 def _kernel_settings(case: dict):
-    """The case's dk/dv list piece and long lists (`launch_options`) while it is traced; on a CPU
-    also its heads a tile (through the tile-size limit, a module constant the kernel reads while
+    """The case's dk/dv list piece, long lists, program order and finish (`launch_options`) while it
+    is traced; on a CPU also its heads a tile (through the tile-size limit, a module constant the kernel reads while
     tracing), a small TPU scalar-memory budget and the kernel it draws. A device keeps its real
     limits."""
     saved = pallas_kernel.MAX_TILE_ELEMENTS, pallas_tpu.SMEM_BUDGET
@@ -91,7 +94,9 @@ def _kernel_settings(case: dict):
         pallas_tpu.SMEM_BUDGET = 1024
     try:
         target = pallas_kernel.tpu_interpret() if on_cpu and case["target"] == "tpu" else contextlib.nullcontext()
-        with pallas_kernel.launch_options(list_piece=case["piece"], long_lists=case.get("long_lists")), target:
+        with pallas_kernel.launch_options(list_piece=case["piece"], long_lists=case.get("long_lists"),
+                                          extras_first=case.get("extras_first"),
+                                          finish_walks_first=case.get("finish_walks_first")), target:
             yield
     finally:
         pallas_kernel.MAX_TILE_ELEMENTS, pallas_tpu.SMEM_BUDGET = saved

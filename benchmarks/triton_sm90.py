@@ -12,7 +12,8 @@ cubin), whether the walk's loads are pipelined (asynchronous copies into shared 
 matmuls use Hopper's wgmma instructions, and the programs one SM can hold at once (the occupancy those allow; H100/H200: 64K
 registers, 228 KiB shared memory of which 227 KiB for one program, 64 warps, 32 programs per SM).
 The benchmark's shape is compiled once more with each launch (num_warps, num_stages) that the GPU
-stage's sweep times (`gpu_check.LAUNCHES`), so its timings can be read beside these costs, and every
+stage's sweep times (`gpu_check.LAUNCHES`), it and its causal case with each of the dk/dv kernels'
+other ways the sweep times (`gpu_check.DKV_VARIANTS`), so its timings can be read beside these costs, and every
 correctness case of `gpu_check.py` (`kernel_check.CHECK_CASES`) is compiled as the check runs it.
 
 What it cannot say: the speed (only a GPU measures that), and whether XLA's own Triton build (the one
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print("triton_sm90.py: needs the `triton` package (pip install triton; about 1 GB, no GPU needed)",
               file=sys.stderr)
         return 2
-    from gpu_check import LAUNCHES  # what the GPU stage sweeps
+    from gpu_check import DKV_VARIANTS, LAUNCHES  # what the GPU stage sweeps
 
     from sparseformer.attention.kernel_check import CHECK_CASES  # and checks
 
@@ -223,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                 return triton_programs(CASES[0])
 
         runs.append((f"{CASES[0].label}, launch {warps}x{stages}", dataclasses.asdict(CASES[0]), launched))
+    for name, options in DKV_VARIANTS:  # the dk/dv kernels' other ways, benchmark shape and causal
+        for case in CASES[:2]:
+            def other_way(case=case, options=options):  # noqa: ANN202
+                with pallas_kernel.launch_options(**options):
+                    return triton_programs(case)
+
+            runs.append((f"{case.label}, {name}", dataclasses.asdict(case), other_way))
     for c in CHECK_CASES:
         runs.append((f"gpu_check: {c['name']}", {k: str(v) for k, v in c.items()}, lambda c=c: check_programs(c)))
     rows = []

@@ -15,14 +15,16 @@ kernel's rate. This kernel walks the same `Selection` the way flash attention wa
   mask of splash attention), so every gradient is written by exactly one program, in a fixed
   order: no atomics, and the backward pass is deterministic (a killed and resumed run reproduces
   its losses on a GPU too). A key block chosen by many query blocks (a global block is chosen by
-  all of them) has its list cut into pieces of `LIST_PIECE` entries, each further piece a program
-  of its own writing float32 partial sums, so one long list does not keep the GPU waiting on a
-  single program; a small second kernel walks the long block's first piece and adds the partial
-  sums in a fixed order. Every gradient is written once, in its final dtype: no float32 copy of
-  dk and dv is ever whole in memory. The partial sums are sized for `LONG_LISTS` lists of every
-  query block, not for the worst case (every slot of every query block on a few blocks); a call
-  whose lists need more further pieces than that cuts them into longer pieces instead (fewer
-  programs, the same sums).
+  all of them) has its list cut into pieces of `LIST_PIECE` entries, each a program of its own
+  writing float32 partial sums, so one long list does not keep the GPU waiting on a single program;
+  a small second kernel adds a long block's partial sums in a fixed order (nothing left to walk
+  after the dk/dv kernel: `FINISH_WALKS_FIRST`). Every gradient is written once, in its final
+  dtype: no float32 copy of dk and dv is ever whole in memory. The partial sums are sized for
+  `LONG_LISTS` lists of every query block, not for the worst case (every slot of every query block
+  on a few blocks); a call whose lists need more pieces than that cuts them into longer pieces
+  instead (fewer programs, the same sums). The long lists' pieces, full-length, are the first
+  programs of each (batch, key/value head), the other blocks' lists (mostly shorter) after them: a
+  GPU starts the longest programs first, so the last to finish are short ones (`EXTRAS_FIRST`).
 
 Grouped-query attention: the query heads of a key/value head share one choice (`Selection.group`),
 so one program stacks `heads_per_tile` of them into its query tile (`rows = heads_per_tile * b`)
@@ -62,15 +64,34 @@ from jax.experimental import pallas as pl
 from sparseformer.attention.dense import LOG0, softmax_delta
 
 # A key block's inverted list is walked by programs of at least this many entries each (more only
-# when a call's long lists need more further pieces than the partial sums hold: `LONG_LISTS`).
+# when a call's long lists need more pieces than the partial sums hold: `LONG_LISTS`).
 LIST_PIECE = 16
-# The dk/dv float32 partial sums hold the further pieces of this many lists of every query block at
+# The dk/dv float32 partial sums hold the pieces of this many lists of every query block at
 # `LIST_PIECE` entries (a global block, an attention sink; or many shorter lists, as rsa's choice on
-# topic-segmented inputs makes): `[B, Hk, LONG_LISTS * (ceil(n / piece) - 1), b, D]` each, 16 / piece
-# of a bfloat16 `[B, T, Hk, D]` array for dk and dv together, where the worst case (all `K` slots of
-# every query block on `K` blocks) takes 4 K / piece. BENCHMARKS.md ("Partial sums for long lists")
-# has what rsa's lists need on the benchmark's inputs.
+# topic-segmented inputs makes): `[B, Hk, LONG_LISTS * ceil(n / piece), b, D]` each (one piece fewer
+# a list when the finish kernel walks first pieces: `FINISH_WALKS_FIRST`), 16 / piece of a bfloat16
+# `[B, T, Hk, D]` array for dk and dv together, where the worst case (all `K` slots of every query
+# block on `K` blocks) takes 4 K / piece. BENCHMARKS.md ("Partial sums for long lists") has what
+# rsa's lists need on the benchmark's inputs.
 LONG_LISTS = 4
+# The dk/dv grid runs each (batch, key/value head)'s further pieces (every one full-length but the
+# last of its list) before its key blocks' first pieces (most lists are shorter than a piece). The GPU
+# starts programs in grid order, so the last to finish are short ones: with the further pieces last,
+# the final (batch, head)'s full-length pieces started when the GPU was already full and ran on alone.
+# A list-scheduling model of rsa's dk/dv grid on its own choices (132 SMs x 2 programs, a program's
+# time its entries + 1) puts that tail at 3-7% of the dk/dv and finish kernels causal at 4K-16K, up
+# to 9% bidirectional at 4K, and -3% to +3% at 64K (BENCHMARKS.md, "Order of the dk/dv programs");
+# `launch_options(extras_first=False)` restores the other order, for the GPU stage to time both.
+EXTRAS_FIRST = True
+# Every piece of a long list is walked by the dk/dv kernel into a partial sum, and the finish kernel
+# only adds them. It used to walk each long list's first piece itself (no partial sum spent on a first
+# piece), but that walk ran after the whole dk/dv kernel: one full piece's walk on the critical path,
+# modelled at 31-38% of the dk/dv and finish kernels' time at 4K whenever a list is long, 1-19% at 16K
+# and 0-5% at 64K (BENCHMARKS.md, "Order of the dk/dv programs"), for one more partial sum per long
+# list (the buffers: `LONG_LISTS * ceil(n / piece)` pieces instead of `LONG_LISTS * (ceil(n / piece)
+# - 1)`). The gradients are the same, bit for bit; `launch_options(finish_walks_first=True)`
+# restores the other way, for the GPU stage to time both.
+FINISH_WALKS_FIRST = False
 # Rows x head dim of one program's query tile at most, in 16-bit elements (the accumulator lives in
 # registers, the tiles in shared memory: a float32 tile counts twice on a GPU).
 MAX_TILE_ELEMENTS = 128 * 128
@@ -83,6 +104,10 @@ _LAUNCH: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar
 _PIECE: contextvars.ContextVar[int | None] = contextvars.ContextVar("sparseformer_piece", default=None)
 # long lists the partial sums are sized for, forced by `launch_options(long_lists=...)`
 _LONG: contextvars.ContextVar[int | None] = contextvars.ContextVar("sparseformer_long_lists", default=None)
+# program order of the dk/dv grid forced by `launch_options(extras_first=...)`
+_ORDER: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sparseformer_extras_first", default=None)
+# whether the finish kernel walks long lists' first pieces, forced by `launch_options(finish_walks_first=...)`
+_FINISH: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sparseformer_finish_walks", default=None)
 
 
 @contextlib.contextmanager
@@ -200,6 +225,8 @@ class Plan:
     scale: float = 1.0
     piece: int = LIST_PIECE  # entries of an inverted list a dk/dv program walks, at least
     long_lists: int = LONG_LISTS  # lists of every query block the partial sums hold at `piece`
+    extras_first: bool = EXTRAS_FIRST  # dk/dv programs: the further pieces, then the first pieces
+    finish_walks_first: bool = FINISH_WALKS_FIRST  # else a long list's first piece is a further piece too
 
     @property
     def rows(self) -> int:
@@ -209,10 +236,22 @@ class Plan:
     def extra_pieces(self) -> int:
         """Further-piece programs per (batch, key/value head), each with a float32 `[b, D]` partial
         sum of dk and of dv: the further pieces of `long_lists` lists of all `n` query blocks at `piece`
-        entries, never more than any selection can use (`ceil(n K / piece)`), at least 1."""
+        entries (every piece of them when the finish kernel walks no first piece), never more than
+        any selection can use (`ceil(n K / piece)`), at least 1."""
         n, K = self.num_query_blocks, self.slots
         worst = -(-n * K // self.piece)
-        return max(1, min(worst, self.long_lists * (-(-n // self.piece) - 1)))
+        per_list = -(-n // self.piece) - (1 if self.finish_walks_first else 0)
+        return max(1, min(worst, self.long_lists * per_list))
+
+    @property
+    def first_program(self) -> int:
+        """The dk/dv program that walks key block 0's first piece (block `j`'s: this + `j`)."""
+        return self.extra_pieces if self.extras_first else 0
+
+    @property
+    def extra_program(self) -> int:
+        """The dk/dv program that walks further piece 0 (piece `e`'s: this + `e`)."""
+        return 0 if self.extras_first else self.num_key_blocks
 
     def params(self, head_dim: int, *, key_blocks: bool = False):
         """Triton launch options: 4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; loads
@@ -232,26 +271,37 @@ class Plan:
 
 @contextlib.contextmanager
 def launch_options(num_warps: int | None = None, num_stages: int | None = None, *, list_piece: int | None = None,
-                   long_lists: int | None = None):
+                   long_lists: int | None = None, extras_first: bool | None = None,
+                   finish_walks_first: bool | None = None):
     """Compile the Triton programs traced inside with these launch options instead of the defaults
     (4 warps for tiles up to 64 x 64 and blocks up to 64, else 8; 2 pipeline stages), and/or cut the
     dk/dv inverted lists into pieces of at least `list_piece` entries instead of `LIST_PIECE` (larger
     pieces: a long list keeps fewer programs busy, and fewer partial sums are needed), and/or size the
     float32 partial sums for `long_lists` lists of every query block instead of `LONG_LISTS` (more:
     more memory, and pieces stay short when many blocks are chosen by nearly every query block;
-    `Plan.extra_pieces`): for tuning them on a GPU (`benchmarks/gpu_check.py`'s launch sweep) and
-    reading their static cost (`benchmarks/triton_sm90.py`). Warps and stages are given together or
-    not at all."""
+    `Plan.extra_pieces`), and/or order the dk/dv programs otherwise (`extras_first=False`: each key
+    block's first piece, then the further pieces; `EXTRAS_FIRST`), and/or walk every piece in the
+    dk/dv kernel or not (`finish_walks_first=True`: the finish kernel walks each long list's first
+    piece, one partial sum fewer per long list; `FINISH_WALKS_FIRST`): for tuning them on a GPU
+    (`benchmarks/gpu_check.py`'s launch sweep) and reading their static cost
+    (`benchmarks/triton_sm90.py`). Warps and stages are given together or not at all."""
     if (num_warps is None) != (num_stages is None):
         raise ValueError("launch_options: give num_warps and num_stages together")
     for name, x in (("list_piece", list_piece), ("long_lists", long_lists)):
         if x is not None and (not isinstance(x, int) or x < 1):
             raise ValueError(f"launch_options: {name} {x!r}; allowed: an integer >= 1")
+    for name, x in (("extras_first", extras_first), ("finish_walks_first", finish_walks_first)):
+        if x is not None and not isinstance(x, bool):
+            raise ValueError(f"launch_options: {name} {x!r}; allowed: True, False")
     tokens = [(_LAUNCH, _LAUNCH.set((int(num_warps), int(num_stages))))] if num_warps is not None else []
     if list_piece is not None:
         tokens.append((_PIECE, _PIECE.set(int(list_piece))))
     if long_lists is not None:
         tokens.append((_LONG, _LONG.set(int(long_lists))))
+    if extras_first is not None:
+        tokens.append((_ORDER, _ORDER.set(extras_first)))
+    if finish_walks_first is not None:
+        tokens.append((_FINISH, _FINISH.set(finish_walks_first)))
     try:
         yield
     finally:
@@ -283,6 +333,8 @@ def make_plan(causal: bool, selection, *, num_heads: int, head_dim: int, has_mas
         tpu=family == "tpu",
         piece=_PIECE.get() or LIST_PIECE,  # the module constants read now: tests shrink them
         long_lists=_LONG.get() or LONG_LISTS,
+        extras_first=EXTRAS_FIRST if _ORDER.get() is None else _ORDER.get(),
+        finish_walks_first=FINISH_WALKS_FIRST if _FINISH.get() is None else _FINISH.get(),
     )
 
 
@@ -314,9 +366,12 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     sums hold, the shortest length that fits them (`piece_length`): every list is still walked once.
 
     Returns `pieces [B, Hk, P, 4]` int32 rows `(key block, first entry, end entry, later)` for the
-    `P = m + plan.extra_pieces` programs (a key block's first piece is program `j`, `later` 1
-    when further pieces follow it; the pieces after the first follow, in key-block order, `later` 0;
-    unused programs have an empty range), and
+    `P = m + plan.extra_pieces` programs: key block `j`'s first piece is program
+    `plan.first_program + j`, `later` 1 when further pieces follow it; the further pieces, in
+    key-block order, are programs `plan.extra_program + e`, `later` 0 (the further pieces come first
+    unless `plan.extras_first` is off); unused programs have an empty range. Unless
+    `plan.finish_walks_first`, a long list's first piece is empty and all its pieces are further
+    pieces. And
     `entries [B, Hk, E]` int32: the sorted query blocks (then their row starts), `E` a power of two.
     """
     B, Hk, n, K = idx.shape
@@ -329,25 +384,27 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     bounds = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m + 1) * n)))(sorted_key)  # [B, Hk, m+1]
     start, end = bounds[..., :-1], bounds[..., 1:]
     piece = piece_length(plan, end - start)[..., None]  # [B, Hk, 1]
-    # first piece of block j: program j; further pieces: programs m + (their rank among extras)
+    # block j's first piece: program first_program + j; its further pieces: programs extra_program +
+    # (their rank among all further pieces, in key-block order)
+    extra = _further_pieces(end - start, piece, plan.finish_walks_first)  # [B, Hk, m]
+    skip = 1 if plan.finish_walks_first else 0  # pieces of a long list the finish kernel walks
     first_end = jnp.minimum(end, start + piece)
-    extra = _further_pieces(end - start, piece)  # [B, Hk, m]
+    if not plan.finish_walks_first:  # a long list's first piece is one of its further pieces
+        first_end = jnp.where(extra > 0, start, first_end)
     extra_before = jnp.cumsum(extra, -1) - extra
     p = jnp.arange(plan.extra_pieces)
     # owner block of extra piece p: the last block whose extras start at or before p
     owner = jax.vmap(jax.vmap(lambda eb, ex: jnp.searchsorted(eb + ex, p, side="right")))(extra_before, extra)
     owner_c = jnp.minimum(owner, m - 1)
     rank = p - jnp.take_along_axis(extra_before, owner_c, -1)  # 0-based rank among the owner's extras
-    e_start = jnp.take_along_axis(start, owner_c, -1) + (rank + 1) * piece
+    e_start = jnp.take_along_axis(start, owner_c, -1) + (rank + skip) * piece
     e_end = jnp.minimum(jnp.take_along_axis(end, owner_c, -1), e_start + piece)
     in_use = owner < m
     e_start, e_end = jnp.where(in_use, e_start, 0), jnp.where(in_use, e_end, 0)
-    blocks = jnp.concatenate([jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (B, Hk, m)), owner_c], -1)
-    pieces = jnp.stack(
-        [blocks, jnp.concatenate([start, e_start], -1), jnp.concatenate([first_end, e_end], -1),
-         jnp.concatenate([extra > 0, jnp.zeros_like(owner_c, bool)], -1)],
-        -1,
-    ).astype(jnp.int32)
+    firsts = jnp.stack([jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (B, Hk, m)), start, first_end,
+                        extra > 0], -1).astype(jnp.int32)
+    extras = jnp.stack([owner_c, e_start, e_end, jnp.zeros_like(owner_c)], -1).astype(jnp.int32)
+    pieces = jnp.concatenate([extras, firsts] if plan.extras_first else [firsts, extras], -2)
     qsorted = (sorted_key % n).astype(jnp.int32)
     parts = [qsorted]
     if plan.has_start:
@@ -357,9 +414,18 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     return pieces, jnp.pad(entries, ((0, 0), (0, 0), (0, width - entries.shape[-1])))
 
 
-def _further_pieces(lengths, piece):
-    """Programs after the first that lists of `lengths` entries take in pieces of `piece`."""
-    return jnp.maximum(0, -(-lengths // piece) - 1)
+def _further_pieces(lengths, piece, finish_walks_first: bool = True):
+    """Partial-sum programs that lists of `lengths` entries take in pieces of `piece`: every piece
+    after the first, or every piece of a list longer than one when the finish kernel walks none."""
+    pieces = -(-lengths // piece)
+    return jnp.maximum(0, pieces - 1) if finish_walks_first else jnp.where(lengths > piece, pieces, 0)
+
+
+def partial_sums_needed(plan: Plan, lengths):
+    """`[...]` int32: the partial sums (dk/dv programs past the first pieces) that inverted lists of
+    `lengths [..., m]` entries take in pieces of `plan.piece`; the kernel has room for
+    `plan.extra_pieces` (else its pieces grow: `piece_length`)."""
+    return jnp.sum(_further_pieces(jnp.asarray(lengths), plan.piece, plan.finish_walks_first), -1)
 
 
 def piece_ladder(plan: Plan) -> tuple[int, ...]:
@@ -382,7 +448,7 @@ def piece_length(plan: Plan, lengths):
     the ladder's end (a list longer than `n`, which a valid selection does not make) the longest
     list's length, which needs no further piece."""
     ladder = jnp.asarray(piece_ladder(plan), jnp.int32)  # [c]
-    needed = jnp.sum(_further_pieces(lengths[..., None, :], ladder[:, None]), -1)  # [B, Hk, c]
+    needed = jnp.sum(_further_pieces(lengths[..., None, :], ladder[:, None], plan.finish_walks_first), -1)
     fits = needed <= plan.extra_pieces
     shortest = jnp.min(jnp.where(fits, ladder, jnp.iinfo(jnp.int32).max), -1)
     longest = jnp.maximum(jnp.max(lengths, -1), plan.piece).astype(jnp.int32)
@@ -390,11 +456,13 @@ def piece_length(plan: Plan, lengths):
 
 
 def piece_owners(plan: Plan, pieces):
-    """For the reduction: per key block, the range of its extra pieces `[B, Hk, m, 2]` (program
-    indices minus m), so partial sums are added in one fixed order."""
-    m = plan.num_key_blocks
-    owner = pieces[..., m:, 0]
-    used = pieces[..., m:, 2] > pieces[..., m:, 1]
+    """For the reduction: per key block, the range of its further pieces `[B, Hk, m, 2]` (indices
+    into the partial sums: piece `e` is program `plan.extra_program + e`), so partial sums are added
+    in one fixed order."""
+    m, x0 = plan.num_key_blocks, plan.extra_program
+    extras = pieces[..., x0:x0 + plan.extra_pieces, :]
+    owner = extras[..., 0]
+    used = extras[..., 2] > extras[..., 1]
     key = jnp.where(used, owner, m)
     lo = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m), side="left")))(key)
     hi = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m), side="right")))(key)
@@ -539,45 +607,52 @@ def _walk_key_block(plan: Plan, first, end, refs):
 
 
 def _dkv_kernel(*refs, plan: Plan):
-    """One piece of a key block's inverted list. A block whose list is one piece (program `j < m`)
-    writes its dk, dv in their final dtype; a further piece writes its float32 partial sums. A long
-    block's first piece is left to `_finish_kernel`, which adds the partial sums to it: so dk and dv
-    are never held whole in float32 (that was 4 bfloat16-sized arrays, then their rounded copies).
+    """One piece of a key block's inverted list. A block whose list is one piece (its first piece's
+    program, `plan.first_program + j`) writes its dk, dv in their final dtype; a further piece writes
+    its float32 partial sums. Every piece of a long list is a further piece (its first piece is
+    empty), and `_finish_kernel` adds their partial sums (with `plan.finish_walks_first`, the first
+    piece is left to `_finish_kernel` to walk, then the others' sums added): so dk and dv are never
+    held whole in float32 (that was 4 bfloat16-sized arrays, then their rounded copies).
     A program with nothing to write does nothing, not even load its key block: a long block's first
     piece, and the further-piece programs this call's lists leave unused (their partial sums are
     never read, as `piece_owners` ranges cover the used ones only)."""
     dk_ref, dv_ref, dk_extra_ref, dv_extra_ref = refs[-4:]
     pieces_ref = refs[0]
     first, end, later = pieces_ref[1], pieces_ref[2], pieces_ref[3]
-    program = pl.program_id(0)
-    whole = (program < plan.num_key_blocks) & (later == 0)  # a never-chosen block too: zero gradients
-    further = (program >= plan.num_key_blocks) & (end > first)
+    program = pl.program_id(0) - plan.first_program
+    is_first = (program >= 0) & (program < plan.num_key_blocks)
+    whole = is_first & (later == 0)  # a never-chosen block too: zero gradients
+    further = jnp.logical_not(is_first) & (end > first)
 
     @pl.when(whole | further)
     def _():
         dk, dv = _walk_key_block(plan, first, end, refs)
 
-        @pl.when(program < plan.num_key_blocks)  # the whole list: straight into dk, dv
+        @pl.when(is_first)  # the whole list: straight into dk, dv
         def _():
             dk_ref[...] = dk.astype(dk_ref.dtype)
             dv_ref[...] = dv.astype(dv_ref.dtype)
 
-        @pl.when(program >= plan.num_key_blocks)  # a further piece: a partial sum, added later
+        @pl.when(jnp.logical_not(is_first))  # a further piece: a partial sum, added later
         def _():
             dk_extra_ref[...] = dk
             dv_extra_ref[...] = dv
 
 
 def _finish_kernel(*refs, plan: Plan):
-    """A long key block's gradient: its first piece, then its further pieces' partial sums added in
-    program order, written once in the final dtype (other blocks keep what `_dkv_kernel` wrote)."""
+    """A long key block's gradient: its pieces' partial sums added in program order (after walking
+    its first piece, with `plan.finish_walks_first`), written once in the final dtype (other blocks
+    keep what `_dkv_kernel` wrote)."""
     ranges_ref, *refs = refs
     dk_x_ref, dv_x_ref, _dk_in, _dv_in, dk_ref, dv_ref = refs[-6:]
     pieces_ref = refs[0]
 
     @pl.when(pieces_ref[3] != 0)
     def _():
-        dk, dv = _walk_key_block(plan, pieces_ref[1], pieces_ref[2], refs)
+        if plan.finish_walks_first:
+            dk, dv = _walk_key_block(plan, pieces_ref[1], pieces_ref[2], refs)
+        else:  # every piece is a partial sum: add them, nothing to walk or load
+            dk = dv = jnp.zeros(dk_ref.shape, jnp.float32)
         lo, hi = ranges_ref[0], ranges_ref[1]
         dk = lax.fori_loop(lo, hi, lambda p, acc: acc + dk_x_ref[p], dk)
         dv = lax.fori_loop(lo, hi, lambda p, acc: acc + dv_x_ref[p], dv)
@@ -687,8 +762,9 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
         whole_kv = pl.BlockSpec((None, None, S, D), lambda p, bb, hk: (bb, hk, 0, 0))
         key_block = lambda j: pl.BlockSpec((None, None, b, D), lambda p, bb, hk: (bb, hk, j(p), 0))  # noqa: E731
         grad_shape = (B, Hk, S, D)
+    f0, x0, X = plan.first_program, plan.extra_program, plan.extra_pieces  # the grid's order: `inverted_lists`
+    piece_row = lambda row: pl.BlockSpec((None, None, None, 4), lambda p, bb, hk: (bb, hk, row(p), 0))  # noqa: E731
     in_specs = [
-        pl.BlockSpec((None, None, None, 4), lambda p, bb, hk: (bb, hk, p, 0)),
         pl.BlockSpec((None, None, entries.shape[-1]), lambda p, bb, hk: (bb, hk, 0)),
         pl.BlockSpec((n_pad,), lambda p, bb, hk: (0,)),
         whole_q, whole_kv, whole_kv,
@@ -696,18 +772,22 @@ def _backward(plan: Plan, qg, k, v, meta, pieces, entries, qids, kmask, out, lse
     if plan.has_mask:
         in_specs.append(pl.BlockSpec((None, S), lambda p, bb, hk: (bb, 0)))
     in_specs += [whole_tiles, whole_rows, whole_rows]
-    first_out = key_block(lambda p: jnp.minimum(p, m - 1))
-    extra_out = pl.BlockSpec((None, None, None, b, D), lambda p, bb, hk: (bb, hk, jnp.maximum(p - m, 0), 0, 0))
+    # a program that writes no block of an output still names one: a neighbour's, which it leaves alone
+    first_out = key_block(lambda p: jnp.clip(p - f0, 0, m - 1))
+    extra_out = pl.BlockSpec((None, None, None, b, D), lambda p, bb, hk: (bb, hk, jnp.clip(p - x0, 0, X - 1), 0, 0))
     grad = jax.ShapeDtypeStruct(grad_shape, k.dtype)  # written once, in the final dtype
-    extra_shape = jax.ShapeDtypeStruct((B, Hk, P - m, b, D), jnp.float32)
+    extra_shape = jax.ShapeDtypeStruct((B, Hk, X, b, D), jnp.float32)
     walk_args = (pieces, entries, qids_p, qg, k, v) + mask_args + (d_out, lse, dd)
     dk, dv, dk_x, dv_x = _call(
-        _dkv_kernel, plan, (P, B, Hk), in_specs, (first_out, first_out, extra_out, extra_out),
+        _dkv_kernel, plan, (P, B, Hk), [piece_row(lambda p: p)] + in_specs,
+        (first_out, first_out, extra_out, extra_out),
         (grad, grad, extra_shape, extra_shape), walk_args, "sparseformer_block_sparse_dkv", D, key_blocks=True,
     )
-    # the long blocks: first piece + partial sums, into dk and dv in place (the others pass through)
-    whole_extra = pl.BlockSpec((None, None, P - m, b, D), lambda j, bb, hk: (bb, hk, 0, 0, 0))
-    finish_specs = [pl.BlockSpec((None, None, None, 2), lambda j, bb, hk: (bb, hk, j, 0))] + in_specs
+    # the long blocks: their partial sums (after the first piece's walk, with finish_walks_first),
+    # into dk and dv in place (the others pass through)
+    whole_extra = pl.BlockSpec((None, None, X, b, D), lambda j, bb, hk: (bb, hk, 0, 0, 0))
+    finish_specs = [pl.BlockSpec((None, None, None, 2), lambda j, bb, hk: (bb, hk, j, 0)), piece_row(lambda j: f0 + j)]
+    finish_specs += in_specs
     finish_specs += [whole_extra, whole_extra, key_block(lambda j: j), key_block(lambda j: j)]
     finish_args = (piece_owners(plan, pieces),) + walk_args + (dk_x, dv_x, dk, dv)
     n_args = len(finish_args)

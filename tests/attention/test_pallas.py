@@ -105,23 +105,30 @@ def test_unused_slots_are_not_visited():
             np.testing.assert_array_equal(meta[0, h, i, 2 + K : 2 + K + count], start[0, h, i][valid[0, h, i]])
 
 
-def test_more_long_lists_than_the_partial_sums_hold_lengthen_the_pieces():
-    """The dk/dv partial sums are sized for `long_lists` lists of every query block, not the worst
-    case: three key blocks chosen by all 8 query blocks, in pieces of 2, need 3 x 3 further pieces;
-    sized for one long list (3), the pieces grow to the shortest that fit, 4 entries (3 x 1). Every
-    (key block, query block) pair is still walked exactly once, and the gradients equal the `scan`
-    kernel's. Sized for three long lists, the pieces keep their 2 entries."""
-    n, K, b, D = 8, 4, 16, 16
+def _three_blocks_chosen_by_all():
+    """8 query blocks of 16, 4 slots: key blocks 0-2 chosen by every query block (long lists), each
+    query block's own block in the last slot. Returns `(n, D, selection, the (key block, query block)
+    pairs, the inputs and loss weights, the `scan` kernel's value and gradients)`."""
+    n, b, D = 8, 16, 16
     idx = np.array([[0, 1, 2, i] for i in range(n)], np.int32)[None, None]  # [1, 1, n, K]
     valid = np.ones_like(idx, bool)
     valid[0, 0, :3, 3] = False  # query blocks 0-2 chose their own block already
     sel = Selection(idx=jnp.asarray(idx), valid=jnp.asarray(valid), qids=jnp.arange(n), block_size=b,
                     num_key_blocks=n)
     expected = sorted((int(j), i) for i in range(n) for j, ok in zip(idx[0, 0, i], valid[0, 0, i]) if ok)
-    q, k, v, w_out, w_lse = random_inputs(0, B=1, H=1, Hk=1, T=n * b, D=D, dtype=jnp.float32)
+    inputs = random_inputs(0, B=1, H=1, Hk=1, T=n * b, D=D, dtype=jnp.float32)
     _, scan = kernel_pair(False, sel)
-    reference = jax.jit(loss_grads(scan, w_out, w_lse))(q, k, v)
-    for long_lists, extra, piece in ((1, 3, 4), (3, 9, 2)):
+    return n, D, sel, expected, inputs, jax.jit(loss_grads(scan, *inputs[3:]))(*inputs[:3])
+
+
+def test_more_long_lists_than_the_partial_sums_hold_lengthen_the_pieces():
+    """The dk/dv partial sums are sized for `long_lists` lists of every query block, not the worst
+    case: three key blocks chosen by all 8 query blocks, in pieces of 2, need 3 x 4 partial sums;
+    sized for two long lists (8), the pieces grow to the shortest that fit, 4 entries (3 x 2). Every
+    (key block, query block) pair is still walked exactly once, and the gradients equal the `scan`
+    kernel's. Sized for three long lists (12), the pieces keep their 2 entries."""
+    n, D, sel, expected, (q, k, v, w_out, w_lse), reference = _three_blocks_chosen_by_all()
+    for long_lists, extra, piece in ((2, 8, 4), (3, 12, 2)):
         with pallas_kernel.launch_options(list_piece=2, long_lists=long_lists):
             plan = pallas_kernel.make_plan(False, sel, num_heads=1, head_dim=D, has_mask=False)
             pieces, entries = (np.asarray(x)[0, 0] for x in pallas_kernel.inverted_lists(plan, sel.idx, sel.valid, None))
@@ -135,23 +142,97 @@ def test_more_long_lists_than_the_partial_sums_hold_lengthen_the_pieces():
         assert ok, errors
 
 
+def test_dkv_programs_run_the_further_pieces_first_with_the_same_gradients_either_way():
+    """The dk/dv grid's programs: by default each (batch, key/value head)'s further pieces (full
+    length) come first, then every key block's first piece; `extras_first=False` the other way round.
+    Either order walks every pair once and gives bit-identical gradients (each gradient is summed in
+    one fixed order whatever the programs' order), equal to the `scan` kernel's."""
+    rng = np.random.default_rng(4)
+    n, b, D = 6, 16, 16
+    sel = random_selection(rng, B=2, Hk=2, G=1, n=n, K=4, b=b, causal=True, row_starts=True, p_valid=0.9)
+    q, k, v, w_out, w_lse = random_inputs(1, B=2, H=2, Hk=2, T=n * b, D=D, dtype=jnp.float32)
+    _, scan = kernel_pair(True, sel)
+    reference = jax.jit(loss_grads(scan, w_out, w_lse))(q, k, v)
+    grads = {}
+    for extras_first in (True, False):
+        with pallas_kernel.launch_options(list_piece=2, extras_first=extras_first):
+            plan = pallas_kernel.make_plan(True, sel, num_heads=2, head_dim=D, has_mask=False)
+            pieces, _ = (np.asarray(x) for x in pallas_kernel.inverted_lists(plan, sel.idx, sel.valid, sel.row_start))
+            fused, _ = kernel_pair(True, sel)
+            grads[extras_first] = jax.jit(loss_grads(fused, w_out, w_lse))(q, k, v)
+        m, X = plan.num_key_blocks, plan.extra_pieces
+        firsts = slice(X, X + m) if extras_first else slice(0, m)
+        extras = slice(0, X) if extras_first else slice(m, m + X)
+        assert (plan.first_program, plan.extra_program) == ((X, 0) if extras_first else (0, m))
+        np.testing.assert_array_equal(pieces[..., firsts, 0], np.broadcast_to(np.arange(m), (2, 2, m)))
+        assert np.all(pieces[..., extras, 3] == 0)
+        used = pieces[..., extras, 2] > pieces[..., extras, 1]
+        assert used.any()  # the case has further pieces to order
+        lengths = pieces[..., 2] - pieces[..., 1]
+        assert np.all(lengths[..., extras][used] <= plan.piece)
+        errors, _, ok = compare(grads[extras_first], reference, jnp.float32)
+        assert ok, errors
+    for a, b_ in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
+    with pytest.raises(ValueError, match="extras_first 'yes'; allowed: True, False"):
+        with pallas_kernel.launch_options(extras_first="yes"):
+            pass
+
+
+def test_the_finish_kernel_may_only_add_partial_sums_with_the_same_gradients():
+    """`finish_walks_first=False`: every piece of a long list is walked by the dk/dv kernel into a
+    partial sum (its first piece left empty) and the finish kernel only adds them, so no walk runs
+    after the dk/dv kernel (the default). The partial sums hold one piece more per long list than when
+    the finish kernel walks first pieces, every pair is still walked once, and the gradients are
+    bit-identical either way (the same sums, added in the same order). Sized for one long list (4
+    partial sums), pieces of 3-6 would still need 6-9: they grow to the ladder's 8, the whole list,
+    and the finish kernel has nothing to do."""
+    n, D, sel, expected, (q, k, v, w_out, w_lse), reference = _three_blocks_chosen_by_all()
+    got = {}
+    ways = ((True, 3, 9, 2, 3), (False, 3, 12, 2, 3), (False, 1, 4, 8, 0))
+    for finish_walks, long_lists, extra, piece, n_long in ways:
+        with pallas_kernel.launch_options(list_piece=2, long_lists=long_lists, finish_walks_first=finish_walks):
+            plan = pallas_kernel.make_plan(False, sel, num_heads=1, head_dim=D, has_mask=False)
+            lists = pallas_kernel.inverted_lists(plan, sel.idx, sel.valid, None)
+            pieces, entries = (np.asarray(x)[0, 0] for x in lists)
+            fused, _ = kernel_pair(False, sel)
+            got[finish_walks, long_lists] = jax.jit(loss_grads(fused, w_out, w_lse))(q, k, v)
+        assert plan.extra_pieces == extra
+        walked = sorted((int(j), int(entries[t])) for j, first, end, _ in pieces for t in range(first, end))
+        assert walked == expected
+        assert max(end - first for _, first, end, _ in pieces) == piece
+        firsts = pieces[plan.first_program:plan.first_program + n]
+        long = firsts[:, 3] == 1
+        assert long.sum() == n_long and np.all((firsts[long, 2] == firsts[long, 1]) != finish_walks)
+        errors, _, ok = compare(got[finish_walks, long_lists], reference, jnp.float32)
+        assert ok, errors
+    for a, b_ in zip(jax.tree.leaves(got[True, 3]), jax.tree.leaves(got[False, 3])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
+
+
 def test_piece_length_is_the_shortest_ladder_length_that_fits_without_a_loop():
-    """Random list lengths, several room sizes: the piece is the shortest of `piece_ladder` whose
-    further pieces fit (counted here in Python), and it is computed without a loop (a loop's
-    dependent steps would each wait on the last on a GPU, in every backward pass)."""
+    """Random list lengths, several room sizes, either finish: the piece is the shortest of
+    `piece_ladder` whose partial sums fit (counted here in Python: every piece of a list longer than
+    one, or all but its first when the finish kernel walks first pieces), and it is computed without
+    a loop (a loop's dependent steps would each wait on the last on a GPU, in every backward pass)."""
     rng = np.random.default_rng(0)
     sel = random_selection(rng, B=2, Hk=3, G=1, n=40, K=8, b=16, causal=False, row_starts=False, p_valid=0.9)
     lengths = jnp.asarray(rng.integers(0, 41, size=(2, 3, 40)), jnp.int32)
+    def sums(L, p, finish_walks):  # partial sums lists of lengths L take in pieces of p
+        pieces = -(-L // p)
+        return (np.maximum(0, pieces - 1) if finish_walks else np.where(L > p, pieces, 0)).sum()
+
     for long_lists in (1, 2, 4, 8):
-        with pallas_kernel.launch_options(list_piece=4, long_lists=long_lists):
-            plan = pallas_kernel.make_plan(False, sel, num_heads=3, head_dim=16, has_mask=False)
-        got = np.asarray(pallas_kernel.piece_length(plan, lengths))
-        for bb in range(2):
-            for h in range(3):
-                L = np.asarray(lengths[bb, h])
-                want = next(p for p in pallas_kernel.piece_ladder(plan)
-                            if np.maximum(0, -(-L // p) - 1).sum() <= plan.extra_pieces)
-                assert got[bb, h] == want, (long_lists, bb, h)
+        for finish_walks in (False, True):
+            with pallas_kernel.launch_options(list_piece=4, long_lists=long_lists, finish_walks_first=finish_walks):
+                plan = pallas_kernel.make_plan(False, sel, num_heads=3, head_dim=16, has_mask=False)
+            got = np.asarray(pallas_kernel.piece_length(plan, lengths))
+            for bb in range(2):
+                for h in range(3):
+                    L = np.asarray(lengths[bb, h])
+                    want = next(p for p in pallas_kernel.piece_ladder(plan)
+                                if sums(L, p, finish_walks) <= plan.extra_pieces)
+                    assert got[bb, h] == want, (long_lists, finish_walks, bb, h)
     jaxpr = str(jax.make_jaxpr(lambda L: pallas_kernel.piece_length(plan, L))(lengths))
     assert "while" not in jaxpr and "scan" not in jaxpr
 
@@ -213,12 +294,15 @@ def test_attend_with_the_fused_kernel_decodes_as_the_full_pass(target):
     assert rel_error(full, ref) < 1e-5
 
 
-@pytest.mark.parametrize("block,head_dim,kv_heads", [(64, 64, 4), (64, 64, 8), (64, 128, 4), (128, 64, 4), (128, 128, 4)])
-def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads):
+@pytest.mark.parametrize("block,head_dim,kv_heads,options", [
+    (64, 64, 4, {}), (64, 64, 8, {}), (64, 128, 4, {}), (128, 64, 4, {}), (128, 128, 4, {}),
+    (64, 64, 8, {"extras_first": False}), (64, 64, 8, {"finish_walks_first": True}),
+])
+def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads, options):
     """Tracing, tiling and shape errors of the Triton lowering show on this CPU; the PTX compile
     itself happens only on a GPU. One head a tile reads q, k, v in place ([B, T, H, D]: 8 kv heads,
     the benchmark's shape; and 128 x 128 tiles with a group of two heads); two heads a tile take the
-    head-major layout."""
+    head-major layout. The dk/dv kernels' other ways (the GPU stage's sweep times them) lower too."""
     T, H, Hk = 4096, 8, kv_heads
     q = jax.ShapeDtypeStruct((1, T, H, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, T, Hk, head_dim), jnp.bfloat16)
@@ -229,7 +313,7 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads):
         out, aux = attend(q, k, v, c, causal=block == 64, rng=jax.random.key(0))
         return jnp.sum(out.astype(jnp.float32)) + aux["aux_loss"]
 
-    with pallas_kernel.compile_for_gpu():
+    with pallas_kernel.compile_for_gpu(), pallas_kernel.launch_options(**options):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     # forward, dq, dk/dv, and the long key blocks' first pieces plus their in-order partial sums
@@ -240,10 +324,11 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads):
     results = re.findall(r"tensor<([0-9x]+)x([a-z]+[0-9]+)>", calls["sparseformer_block_sparse_dkv"].split("->")[-1])
     grads = [dtype for dims, dtype in results if dims.count("x") == 3]  # the rank-4 results: dk, dv
     assert grads == ["bf16", "bf16"], results
-    # the float32 partial sums, `[1, Hk, further pieces, b, D]` each: room for 4 lists of all n query
-    # blocks in pieces of 16 (not the worst case's ceil(8 n / 16) blocks)
+    # the float32 partial sums, `[1, Hk, pieces, b, D]` each: room for 4 lists of all n query blocks in
+    # pieces of 16 (not the worst case's ceil(8 n / 16) blocks), one piece fewer each when the finish
+    # kernel walks their first pieces
     n = T // block
-    partial = f"1x{Hk}x{4 * (n // 16 - 1)}x{block}x{head_dim}"
+    partial = f"1x{Hk}x{4 * (n // 16 - options.get('finish_walks_first', False))}x{block}x{head_dim}"
     assert [r for r in results if r[0].count("x") == 4] == [(partial, "f32")] * 2, results
     assert "output_operand_aliases" in calls["sparseformer_block_sparse_dkv_finish"]
     assert "f32" not in calls["sparseformer_block_sparse_dq"].split("->")[-1]  # dq too, either layout

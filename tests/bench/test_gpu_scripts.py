@@ -233,22 +233,27 @@ def test_triton_sm90_occupancy_follows_the_sm90_limits():
 def test_launch_sweep_times_each_launch_and_names_the_fastest():
     row = gpu_check.launch_sweep(256, H=2, dtype=jnp.float32, launches=((4, 1), (4, 2)), pieces=(2,),
                                  long_lists=(8,), repeats=1, warmup=0)
-    assert row["default"] == "4x2" and set(row["launches"]) == {"4x1", "4x2", "piece 2", "long lists 8"}
+    assert row["default"] == "4x2" and row["default_dkv"] == "further pieces first, finish adds only"
+    assert set(row["launches"]) == {"4x1", "4x2", "piece 2", "long lists 8", "further pieces last",
+                                    "finish walks first pieces"}
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in row["launches"].values()), row
-    # 4 query blocks: in pieces of 16 no list has a further piece, whatever the long lists (1 partial
-    # sum, the least); in pieces of 2, 4 long lists x (4 / 2 - 1) = 4
+    # 4 query blocks, 8 slots: in pieces of 16, room for 4 long lists of 1 piece, capped at the most any
+    # selection can use, ceil(n K / 16) = 2, whatever the long lists; in pieces of 2, 4 x (4 / 2) = 8
     parts = {name: r["partial_sums_mib"] for name, r in row["launches"].items()}
     assert parts["piece 2"] == 4 * parts["long lists 8"] == 4 * parts["4x2"] == 4 * parts["4x1"] > 0, parts
+    assert parts["further pieces last"] == parts["4x2"]  # the order moves programs, not memory
+    # the finish walking first pieces: no piece of a 4-entry list is a partial sum (1, the least)
+    assert 2 * parts["finish walks first pieces"] == parts["4x2"]
     assert row["best_fwd_bwd_ms"] in row["launches"] and row["best_vs_default_fwd_bwd_ms"] >= 1.0
     json.dumps(row)
 
 
 def test_the_sweep_with_more_sinks_than_long_lists_shows_the_pieces_grow(monkeypatch):
-    """4 sinks (blocks every query block chose) in pieces of 4: 16 query blocks need at least 4 x 3
-    further pieces. The default partial sums hold 4 long lists (12), one long list 3: the pieces the
-    sweep records are the shortest of the kernel's ladder whose further pieces fit each (counted here
-    piece by piece; a piece longer than a list walks the list), and one long list's are longer, with
-    a quarter of the memory."""
+    """4 sinks (blocks every query block chose) in pieces of 4: 16 query blocks need at least 4 x 4
+    pieces as partial sums. The default partial sums hold 4 long lists (16), one long list 4: the
+    pieces the sweep records are the shortest of the kernel's ladder whose pieces fit each (counted
+    here piece by piece; a piece as long as a list walks it whole, no partial sum), and one long
+    list's are longer, with a quarter of the memory."""
     from sparseformer.attention import pallas_kernel
 
     monkeypatch.setattr(pallas_kernel, "LIST_PIECE", 4)
@@ -261,31 +266,36 @@ def test_the_sweep_with_more_sinks_than_long_lists_shows_the_pieces_grow(monkeyp
     plan = pallas_kernel.make_plan(False, sel, num_heads=1, head_dim=16, has_mask=False)
     assert pallas_kernel.piece_ladder(plan) == (4, 5, 6, 7, 8, 10, 12, 15, 18)
 
-    def shortest(room):  # the walk of the shortest ladder piece whose further pieces fit `room` partial sums
-        piece = next(p for p in pallas_kernel.piece_ladder(plan) if np.maximum(0, -(-lengths // p) - 1).sum() <= room)
+    def shortest(room):  # the walk of the shortest ladder piece whose pieces fit `room` partial sums
+        piece = next(p for p in pallas_kernel.piece_ladder(plan)
+                     if np.where(lengths > p, -(-lengths // p), 0).sum() <= room)
         return min(piece, lengths.max())
 
     row = gpu_check.launch_sweep(512, b=32, D=16, H=1, dtype=jnp.float32, launches=None, pieces=(), long_lists=(1,),
-                                 sinks=4, repeats=1, warmup=0)
+                                 dkv=(), sinks=4, repeats=1, warmup=0)
     assert row["sinks"] == 4 and row["default_long_lists"] == 4
     assert set(row["launches"]) == {row["default"], "long lists 1"}
     default, narrow = row["launches"][row["default"]], row["launches"]["long lists 1"]
-    assert (default["piece_walked"], narrow["piece_walked"]) == (shortest(12), shortest(3))
+    assert (default["piece_walked"], narrow["piece_walked"]) == (shortest(16), shortest(4))
     assert 4 <= default["piece_walked"] < narrow["piece_walked"]
     assert default["partial_sums_mib"] == 4 * narrow["partial_sums_mib"] > 0
 
 
 def test_the_tune_stage_writes_every_sweep_and_its_summary(tmp_path, capsys):
     """`gpu_check.py --tune` (gpu.sh's last stage) as it runs there, on tiny shapes: a row per sweep
-    in tune.json, and the summary names each piece and long-lists variant against the default."""
+    in tune.json, and the summary names each piece, long-lists and order variant against the default."""
     sweeps = ((256, False, dict(launches=((4, 2),), pieces=(2,), long_lists=())),
-              (256, True, dict(sinks=2, launches=None, pieces=(), long_lists=(2, 1))))
+              (256, True, dict(sinks=2, launches=None, pieces=(), long_lists=(2, 1), dkv=())))
     assert gpu_check.tune(str(tmp_path), sweeps, b=32, D=16, H=1, dtype=jnp.float32, repeats=1, warmup=0) == 0
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
     assert [(r["causal"], r["sinks"], sorted(r["launches"])) for r in rows] == [
-        (False, 1, ["4x2", "piece 2"]), (True, 2, ["4x2", "long lists 1", "long lists 2"])]
+        (False, 1, ["4x2", "finish walks first pieces", "further pieces last", "piece 2"]),
+        (True, 2, ["4x2", "long lists 1", "long lists 2"])]
     printed = capsys.readouterr().out
-    assert printed.count("x the time of piece 16 with 4 long lists") == 3, printed
+    default = "x the time of piece 16 with 4 long lists, further pieces first, finish adds only"
+    assert printed.count(default) == 5, printed
+    for variant in ("further pieces last", "finish walks first pieces"):
+        assert f"T=256 bidir sinks 1: {variant}: fwd+bwd" in printed
     assert "T=256 causal sinks 2: long lists 1" in printed
 
 
@@ -325,10 +335,10 @@ def test_list_piece_option_reaches_the_plan_and_keeps_the_result():
             pieces, _ = pallas_kernel.inverted_lists(plan, sel.idx[:, :1], sel.valid[:, :1], None)
             results[piece, long_lists] = (plan.piece, pieces.shape[2], jax.jit(grads)(q, k, v))
     n, K = sel.idx.shape[2:]  # 16 query blocks, 8 slots
-    # further-piece programs: 4 long lists' (16 / piece - 1 each), at most ceil(n K / piece)
-    assert results[None, None][:2] == (pallas_kernel.LIST_PIECE, n + 1)  # min(4 x 0, 8): at least 1
-    assert results[4, None][:2] == (4, n + 4 * 3)
-    assert results[4, 8][:2] == (4, n + 8 * 3)  # of ceil(n K / 4) = 32 at most
+    # partial-sum programs: 4 long lists' (16 / piece each), at most ceil(n K / piece)
+    assert results[None, None][:2] == (pallas_kernel.LIST_PIECE, n + 4)  # min(4 x 1, 8)
+    assert results[4, None][:2] == (4, n + 4 * 4)
+    assert results[4, 8][:2] == (4, n + 8 * 4)  # all of ceil(n K / 4) = 32
     for other in ((4, None), (4, 8)):
         for a, c in zip(results[None, None][2], results[other][2], strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
@@ -359,7 +369,12 @@ def test_float32_matmuls_follow_jax_matmul_precision():
     default = triton_sm90.triton_programs(case)
     with jax.default_matmul_precision("highest"):
         highest = triton_sm90.triton_programs(case)
-    for p in default:
+    finish = "sparseformer_block_sparse_dkv_finish"  # adds partial sums: no matmul
+    assert all("tt.dot" not in p["ttir"] for p in default + highest if p["kernel"] == finish)
+    walks = [p for p in default if p["kernel"] != finish]
+    assert len(walks) == 3
+    for p in walks:
         assert set(re.findall(r"inputPrecision = (\w+)", p["ttir"])) == {"tf32"}, p["kernel"]
     for p in highest:
-        assert "tt.dot" in p["ttir"] and "inputPrecision" not in p["ttir"], p["kernel"]  # printed only when not ieee
+        if p["kernel"] != finish:  # printed only when not ieee
+            assert "tt.dot" in p["ttir"] and "inputPrecision" not in p["ttir"], p["kernel"]

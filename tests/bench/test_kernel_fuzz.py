@@ -26,7 +26,8 @@ def test_the_same_seed_draws_the_same_case_and_seeds_differ():
     cases = [kernel_fuzz.draw_case(s) for s in range(40)]
     for key, values in (("target", {"triton", "tpu"}), ("dtype", {"float32", "bfloat16"}),
                         ("padding", set(kernel_fuzz.PADDINGS)), ("causal", {True, False}), ("diagonal", {True, False}),
-                        ("layout", {"BHTD", "BTHD"}), ("long_lists", {1, 2, 8})):
+                        ("layout", {"BHTD", "BTHD"}), ("long_lists", {1, 2, 8}),
+                        ("extras_first", {True, False}), ("finish_walks_first", {True, False})):
         assert {c[key] for c in cases} == values, key
     assert any(c["queries"] is None for c in cases) and any(c["queries"] for c in cases)
     c1, c2 = (kernel_fuzz.draw_case(s) for s in SEEDS)
