@@ -168,7 +168,7 @@ DKV_VARIANTS = (
 
 
 def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launches=LAUNCHES, pieces=PIECES,
-                 long_lists=LONG_LISTS, dkv=DKV_VARIANTS, sinks=1, repeats=20, warmup=3):
+                 long_lists=LONG_LISTS, dkv=DKV_VARIANTS, sinks=1, repeats=20, warmup=3, on_variant=None):
     """The fused kernel as `attend` calls it (reading `[B, T, H, D]` in place, rsa's budget with
     `sinks` blocks chosen by every query block) compiled with each (num_warps, num_stages) of
     `launches` (None: the default alone), then at the default launch with each dk/dv list piece of
@@ -178,7 +178,8 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
     programs' order, the finish kernel adding partial sums only): forward and forward+backward
     medians, and which is fastest. Each variant's float32 partial-sum buffers (dk and dv,
     `Plan.extra_pieces` blocks each) are recorded beside its time. A variant that fails to compile
-    or run is recorded and the others still run."""
+    or run is recorded and the others still run. `on_variant(row)`, if given, is called after each
+    variant with the row so far (the tune stage saves it: a call cut short keeps what it timed)."""
     sel, pairs = rsa_like_selection(T, b=b, H=H, causal=causal, sinks=sinks)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(key, (1, T, H, D), dtype) for key in keys[:3])
@@ -218,6 +219,8 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
                 }
             except Exception as e:  # noqa: BLE001
                 row["launches"][name] = {"error": f"{type(e).__name__}: {e}"}
+        if on_variant is not None:
+            on_variant(row)
     timed = {n: r for n, r in row["launches"].items() if "error" not in r}
     for p in ("fwd_ms", "fwd_bwd_ms"):
         if timed:
@@ -237,15 +240,21 @@ TUNE_SWEEPS = ((16384, False, dict(long_lists=())), (16384, True, dict(long_list
 
 def tune(out_dir: str, sweeps=TUNE_SWEEPS, **common) -> int:
     """The launch sweeps of `sweeps` (`common`: options of every `launch_sweep`, for tests): writes
-    OUT_DIR/tune.json after each and prints a summary."""
+    OUT_DIR/tune.json after each variant (a sweep still running marked `"incomplete"`, so a call
+    the device's time limit cuts short keeps every variant it timed) and prints a summary."""
     os.makedirs(out_dir, exist_ok=True)
     report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "rows": []}
+
+    def save(running=None):  # noqa: ANN001, ANN202
+        rows = report["rows"] + ([{**running, "incomplete": True}] if running is not None else [])
+        with open(os.path.join(out_dir, "tune.json"), "w") as f:
+            json.dump({**report, "rows": rows}, f, indent=1)
+
     for T, causal, options in sweeps:
-        row = launch_sweep(T, causal=causal, **common, **options)
+        row = launch_sweep(T, causal=causal, **common, **options, on_variant=save)
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
-        with open(os.path.join(out_dir, "tune.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        save()
     for row in report["rows"]:
         case = f"T={row['T']} {'causal' if row['causal'] else 'bidir'} sinks {row['sinks']}"
         print(f"{case}: default {row['default']}; fastest fwd {row.get('best_fwd_ms')} "

@@ -378,3 +378,28 @@ def test_float32_matmuls_follow_jax_matmul_precision():
     for p in highest:
         if p["kernel"] != finish:  # printed only when not ieee
             assert "tt.dot" in p["ttir"] and "inputPrecision" not in p["ttir"], p["kernel"]
+
+
+def test_the_tune_stage_saves_each_variant_as_it_is_timed(tmp_path, monkeypatch):
+    """The device's time limit may cut the tune stage short: tune.json is rewritten after every
+    variant, the sweep still running marked incomplete, so what was timed is kept."""
+    real = gpu_check.launch_sweep
+    seen = []
+
+    def cut_short(*args, on_variant=None, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def record(row):  # noqa: ANN001, ANN202
+            on_variant(row)
+            seen.append(json.loads((tmp_path / "tune.json").read_text()))
+            if len(seen) == 2:
+                raise TimeoutError("the device call's limit")
+
+        return real(*args, on_variant=record, **kwargs)
+
+    monkeypatch.setattr(gpu_check, "launch_sweep", cut_short)
+    sweeps = ((256, False, dict(launches=((4, 2), (4, 1)), pieces=(2,), long_lists=(), dkv=())),)
+    with pytest.raises(TimeoutError):
+        gpu_check.tune(str(tmp_path), sweeps, b=32, D=16, H=1, dtype=jnp.float32, repeats=1, warmup=0)
+    assert [sorted(r["rows"][0]["launches"]) for r in seen] == [["4x2"], ["4x1", "4x2"]]
+    assert all(r["rows"][0]["incomplete"] and len(r["rows"]) == 1 for r in seen)
+    kept = json.loads((tmp_path / "tune.json").read_text())["rows"][0]
+    assert kept["incomplete"] and kept["launches"]["4x1"]["fwd_bwd_ms"] > 0
