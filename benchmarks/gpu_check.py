@@ -175,7 +175,7 @@ def launch_sweep(T, *, b=64, D=64, H=8, causal=False, dtype=jnp.bfloat16, launch
     `pieces` (`piece N`; the sinks' inverted lists are the long ones pieces cut) and with the partial
     sums sized for each of `long_lists` (`long lists N`; fewer than the sinks make their pieces
     longer) and with each of the dk/dv kernels' other ways of `dkv` (`(name, launch_options)`: the
-    programs' order, the finish kernel adding partial sums only): forward and forward+backward
+    programs' other order, the finish kernel's other way): forward and forward+backward
     medians, and which is fastest. Each variant's float32 partial-sum buffers (dk and dv,
     `Plan.extra_pieces` blocks each) are recorded beside its time. A variant that fails to compile
     or run is recorded and the others still run. `on_variant(row)`, if given, is called after each

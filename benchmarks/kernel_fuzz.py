@@ -84,9 +84,9 @@ def key_mask(padding: str, B: int, T: int, b: int) -> jax.Array | None:
 @contextlib.contextmanager
 def _kernel_settings(case: dict):
     """The case's dk/dv list piece, long lists, program order and finish (`launch_options`) while it
-    is traced; on a CPU also its heads a tile (through the tile-size limit, a module constant the kernel reads while
-    tracing), a small TPU scalar-memory budget and the kernel it draws. A device keeps its real
-    limits."""
+    is traced; on a CPU also its heads a tile (through the tile-size limit, a module constant the
+    kernel reads while tracing), a small TPU scalar-memory budget and the kernel it draws. A device
+    keeps its real limits."""
     saved = pallas_kernel.MAX_TILE_ELEMENTS, pallas_tpu.SMEM_BUDGET
     on_cpu = jax.default_backend() == "cpu"
     if on_cpu:

@@ -60,7 +60,7 @@ INPUTS = {"random": lambda *shape, causal: bench_inputs.random_qkv(*shape), **be
 def program_times(plan, pieces) -> np.ndarray:
     """`[B * Hk * P]` modelled times of the dk/dv programs in launch order (grid `(P, B, Hk)`, the
     first axis fastest): entries walked + 1, or `IDLE_PROGRAM` for a program that writes nothing (a
-    long block's first piece, left to the finish kernel; an unused further piece)."""
+    long block's first piece, empty or left to the finish kernel to walk; an unused further piece)."""
     pieces = np.asarray(pieces)  # [B, Hk, P, 4]
     entries = pieces[..., 2] - pieces[..., 1]
     program = np.arange(pieces.shape[2]) - plan.first_program

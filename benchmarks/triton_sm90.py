@@ -13,8 +13,9 @@ matmuls use Hopper's wgmma instructions, and the programs one SM can hold at onc
 registers, 228 KiB shared memory of which 227 KiB for one program, 64 warps, 32 programs per SM).
 The benchmark's shape is compiled once more with each launch (num_warps, num_stages) that the GPU
 stage's sweep times (`gpu_check.LAUNCHES`), it and its causal case with each of the dk/dv kernels'
-other ways the sweep times (`gpu_check.DKV_VARIANTS`), so its timings can be read beside these costs, and every
-correctness case of `gpu_check.py` (`kernel_check.CHECK_CASES`) is compiled as the check runs it.
+other ways the sweep times (`gpu_check.DKV_VARIANTS`), so its timings can be read beside these
+costs, and every correctness case of `gpu_check.py` (`kernel_check.CHECK_CASES`) is compiled as the
+check runs it.
 
 What it cannot say: the speed (only a GPU measures that), and whether XLA's own Triton build (the one
 the GPU machine's jaxlib bundles) compiles the IR the same way; this is the `triton` package's build

@@ -422,7 +422,7 @@ def _further_pieces(lengths, piece, finish_walks_first: bool = True):
 
 
 def partial_sums_needed(plan: Plan, lengths):
-    """`[...]` int32: the partial sums (dk/dv programs past the first pieces) that inverted lists of
+    """`[...]` int32: the partial sums (the dk/dv programs that write one) that inverted lists of
     `lengths [..., m]` entries take in pieces of `plan.piece`; the kernel has room for
     `plan.extra_pieces` (else its pieces grow: `piece_length`)."""
     return jnp.sum(_further_pieces(jnp.asarray(lengths), plan.piece, plan.finish_walks_first), -1)
