@@ -36,7 +36,7 @@ def test_the_report_and_its_refusals(tmp_path, capsys):
     assert list_lengths.main(["--lengths=1024", "--inputs=needle,local", "--causal", f"--out={out}"]) == 0
     report = json.loads(out.read_text())
     assert report["causal"] and [r["input"] for r in report["rows"]] == ["needle", "local"]
-    assert all(r["fits"] and r["partial_sums"] == 4 for r in report["rows"])  # 16 query blocks: a piece a list
+    assert all(r["fits"] and r["partial_sums"] == 4 for r in report["rows"])  # 16 query blocks: 4 lists of one piece
     assert "T=1024 needle" in capsys.readouterr().out
     for bad, flag in (("--inputs=zipf", "--inputs"), ("--lengths=4k", "--lengths"), ("--preset=performer", "--preset")):
         with pytest.raises(SystemExit):
@@ -78,7 +78,7 @@ def test_the_dkv_order_model_starts_programs_in_grid_order_on_the_first_free_slo
     assert 4 * list_lengths.ADD_PARTIAL_SUM <= default["finish"] < 8 + 1 <= walks["finish"]
 
 
-def test_the_finish_kernel_model_walks_each_long_blocks_first_piece_and_adds_its_partial_sums():
+def test_the_finish_kernel_model_adds_partial_sums_and_walks_first_pieces_only_when_asked():
     """Three blocks chosen by all 8 query blocks, in pieces of 2 (4 each): the finish kernel's program
     of each adds its 4 partial sums, or, when it walks first pieces, walks 2 entries (+ 1) and adds
     3; every other block's program does nothing."""
