@@ -8,15 +8,13 @@ them, one per seed (the same seed, the same case): 1-6 query blocks of 16 or 32 
 16 or 32, 1-2 batch rows, GQA groups of 1, 2 or 4, 1 to n+2 slots with 0-100% of them valid (with
 or without the diagonal block, so a query block may choose nothing), causal or not, row starts,
 key padding (none, a tail, a gap, a whole block, all but the first key), dk/dv list pieces of 1, 2,
-3 or 16 with partial sums for 1, 2 or 8 long lists (so pieces sometimes have to grow), the
-further pieces' programs first or last, and the finish kernel walking long lists' first pieces or
-only adding partial sums, tiles of one or
-two heads (on a CPU), head-major or `[B, T, H, D]` inputs, float32 or bfloat16,
-and one case in three a run of the query blocks against all the keys (a decoding step or a chunk
-of a prefill, `query_block`). On a
-CPU each case runs the Triton kernel interpreted or the TPU kernel in TPU interpret mode (drawn,
-with a small scalar-memory budget so that lists are split across calls); on a GPU or TPU, the
-compiled kernel of that device. A case the kernel refuses with a `selection.*` error (a shape it
+3 or 16 with partial sums for 1, 2 or 8 long lists (so pieces sometimes have to grow), the further
+pieces' programs first or last, the finish kernel walking long lists' first pieces or only adding
+partial sums, tiles of one or two heads (on a CPU), head-major or `[B, T, H, D]` inputs, float32 or
+bfloat16, and one case in three a run of the query blocks against all the keys (a decoding step or
+a chunk of a prefill, `query_block`). On a CPU each case runs the Triton kernel interpreted or the
+TPU kernel in TPU interpret mode (drawn, with a small scalar-memory budget so that lists are split
+across calls); on a GPU or TPU, the compiled kernel of that device. A case the kernel refuses with a `selection.*` error (a shape it
 does not take, a list too long for scalar memory) is counted as refused, not failed; any other
 error, an error over the dtype's tolerance or a non-finite value fails. Exit status 1 on a failure.
 

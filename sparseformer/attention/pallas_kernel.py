@@ -414,7 +414,7 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     return pieces, jnp.pad(entries, ((0, 0), (0, 0), (0, width - entries.shape[-1])))
 
 
-def _further_pieces(lengths, piece, finish_walks_first: bool = True):
+def _further_pieces(lengths, piece, finish_walks_first: bool):
     """Partial-sum programs that lists of `lengths` entries take in pieces of `piece`: every piece
     after the first, or every piece of a list longer than one when the finish kernel walks none."""
     pieces = -(-lengths // piece)
