@@ -121,16 +121,17 @@ def selection_kernel(
     `auto` takes the fused `pallas` kernel on a GPU when the shapes allow it (block size and head
     dim powers of two >= 16; in float32, a block's tiles within shared memory: see
     `pallas_kernel.unsupported_reason`); elsewhere `masked` up to `AUTO_MASKED_MAX_KEYS` keys,
-    `scan` beyond.
+    `scan` beyond. The backend is the default one, or the GPU under `pallas_kernel.compile_for_gpu()`.
     """
     kernel = config.selection.kernel
     if kernel != "auto":
         return kernel
     import jax
 
-    from sparseformer.attention.pallas_kernel import unsupported_reason
+    from sparseformer.attention.pallas_kernel import kernel_target, unsupported_reason
 
-    backend = backend or jax.default_backend()
+    if backend is None:  # compiling for a GPU without one (`compile_for_gpu`) resolves as on a GPU
+        backend = "gpu" if kernel_target() == ("triton", False) else jax.default_backend()
     if (backend == "gpu" and head_dim is not None
             and unsupported_reason(config.selection.block_size, head_dim, dtype, compiled_gpu=True) is None):
         return "pallas"

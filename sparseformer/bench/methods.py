@@ -85,9 +85,12 @@ def build_dense(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:
 def build_dense_pallas(name: str, shape: Shape, *, dense_impl: str = "auto") -> Method:
     """JAX's Pallas (Triton) flash attention (`jax.experimental.pallas.ops.gpu.attention.mha`): the
     dense baseline written the way the fused sparse kernel is. GPU only: on a CPU it could only run
-    interpreted, which would time the interpreter."""
+    interpreted, which would time the interpreter (it compiles for a GPU under
+    `pallas_kernel.compile_for_gpu()`, as `benchmarks/gpu_aot.py` does without one)."""
     del dense_impl
-    if jax.default_backend() != "gpu":
+    from sparseformer.attention.pallas_kernel import kernel_target
+
+    if kernel_target() != ("triton", False):
         raise SkipCase("a GPU kernel (Pallas/Triton); on this backend it would run interpreted")
     try:
         from jax.experimental.pallas.ops.gpu import attention as pallas_attention
