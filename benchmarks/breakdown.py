@@ -62,10 +62,10 @@ def components(preset: str, T: int, *, H: int, D: int, dtype, causal: bool):
         qids = jnp.arange(n)  # as attend does: causal blocks choose from the queries all their rows see
         q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, sel_cfg.anchors) if causal else qb
         return choose_blocks(q_est, kb, None, qids, num_query_blocks=n, cfg=sel_cfg, causal=causal,
-                             rng=jax.random.key(2))
+                             rng=jax.random.key(2), fused_estimate=kernel == "pallas")  # as attend chooses
 
-    sel = jax.jit(choose)(qh, kh)
     kernel = selection_kernel(config, T, head_dim=D)
+    sel = jax.jit(choose)(qh, kh)
 
     def exact(qh, kh, vh):
         if kernel == "pallas":

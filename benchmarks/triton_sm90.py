@@ -190,7 +190,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "| async copies / wgmma |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
-        kernel = r["kernel"].removeprefix("sparseformer_block_sparse_")
+        kernel = r["kernel"].removeprefix("sparseformer_block_sparse_").removeprefix("sparseformer_")
         if "error" in r:
             lines.append(f"| {r['case']} | {kernel} | {r['num_warps']} / {r['num_stages']} | failed: {r['error'][:120]} | | | | |")
             continue

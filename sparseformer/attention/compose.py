@@ -151,10 +151,11 @@ def attend(
             q_est = causal_queries(qh, qids, b, sel_cfg.causal_choice, sel_cfg.anchors)
         else:
             q_est = qb
-        selection = choose_blocks(
-            q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng, group=group
-        )
         kernel = selection_kernel(config, S_pad, head_dim=D, dtype=q.dtype)
+        selection = choose_blocks(
+            q_est, kb, kmask_b, qids, num_query_blocks=T_pad // b, cfg=sel_cfg, causal=causal, rng=rng, group=group,
+            fused_estimate=kernel == "pallas",  # the estimate fused too, where its estimator allows
+        )
         if kernel == "masked":
             kv_m = kv_mask if padded else None
             out_b, lse_b = masked_block_attention(causal, q_used, kh, vh, selection, kv_m, q_pos)

@@ -97,7 +97,8 @@ def _batch_head_index(B: int, H: int) -> tuple[jax.Array, jax.Array]:
 # returns scores `[B, H, n, m]` (higher = more important). Scores are row-local: query block i's
 # scores depend only on its own inputs, so `choose_blocks` may score the blocks in chunks
 # (bounded memory). The extra `rows_scored(cfg) -> int` (default 1) says how many rows of S
-# scores one query block needs, which sizes the chunks. Gradients never flow through them: the
+# scores one query block needs, which sizes the chunks; `block_summaries` (True) that each row
+# holds one score per key block (`m`), not per key. Gradients never flow through them: the
 # choice is discrete.
 
 
@@ -118,6 +119,10 @@ def pooled_estimator(qb, kb, kmask_b, allowed, *, cfg, rng, qids):
         w = kmask_b[:, None, :, :, None].astype(kb.dtype)
         k_mean = jnp.sum(kb * w, axis=3) / jnp.maximum(jnp.sum(w, axis=3), 1.0)
     return jnp.einsum("bhnd,bhmd->bhnm", q_mean, k_mean, preferred_element_type=jnp.float32)
+
+
+# pooled scores one mean query against one mean key a block: `m` scores a query block, not `S`
+ESTIMATORS.add_extra("pooled", "block_summaries", True)
 
 
 @ESTIMATORS.register("bound", exact_when_full=True)
@@ -267,17 +272,36 @@ def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return idx.astype(jnp.int32), vals > NEG_INF
 
 
-# Transient scores of one chunk of query blocks: at most this many per (batch, head). The
-# estimators hold `rows_scored x S` scores per query block, which would grow like `T x S / b`
-# if all blocks were scored at once (1 GB at 64K tokens for `maxkey`, 4 heads, float32).
+# Transient scores of one chunk of query blocks: at most this many per (batch, head), and at
+# most one key array's worth (`S x D`, so a short input's estimate stays well below the memory
+# of the attention around it). The estimators hold `rows_scored x S` scores per query block,
+# which would grow like `T x S / b` if all blocks were scored at once (1 GB at 64K tokens for
+# `maxkey`, 4 heads, float32).
 ESTIMATE_CHUNK_ELEMENTS = 1 << 20
+# Query blocks chosen together (`_take_by_mass`, random draws): at most this many `[m]` score rows
+# of their anchors per (batch, head). The choice is a few dozen small ops: scoring and choosing
+# in one loop over small estimate chunks made a GPU launch them for every chunk (thousands of
+# kernels at 64K tokens), so the choice takes chunks of its own, `b` times larger.
+CHOICE_CHUNK_ELEMENTS = 1 << 20
 
 
-def estimate_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, kv_len: int) -> int:
-    """Query blocks scored together: as many as keep one chunk's scores within budget."""
-    rows = ESTIMATORS.get(cfg.estimator).extras.get("rows_scored", lambda c: 1)(cfg) if cfg.top_k else 1
-    rows = min(cfg.block_size, rows * cfg.anchors)  # anchors are scored as blocks of their own
-    return max(1, min(num_query_blocks, ESTIMATE_CHUNK_ELEMENTS // max(1, rows * kv_len)))
+def estimate_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, kv_len: int, head_dim: int | None = None) -> int:
+    """Query blocks scored together: as many as keep one chunk's scores within budget
+    (`ESTIMATE_CHUNK_ELEMENTS`, and `kv_len x head_dim` when the head dim is given)."""
+    extras = ESTIMATORS.get(cfg.estimator).extras if cfg.top_k else {}
+    rows = min(cfg.block_size, extras.get("rows_scored", lambda c: 1)(cfg) * cfg.anchors)  # anchors: blocks of their own
+    # scores one query block holds: `rows` rows of S (one of `m` for an estimator of block summaries)
+    held = rows * (kv_len // cfg.block_size if extras.get("block_summaries") else kv_len)
+    budget = ESTIMATE_CHUNK_ELEMENTS if head_dim is None else min(ESTIMATE_CHUNK_ELEMENTS, kv_len * head_dim)
+    return max(1, min(num_query_blocks, budget // max(1, held)))
+
+
+def choice_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, num_key_blocks: int, causal: bool) -> int:
+    """Query blocks chosen together: as many as keep their anchors' `[m]` score rows within
+    `CHOICE_CHUNK_ELEMENTS` (causal anchors are kept apart; bidirectional ones are reduced first)."""
+    rows = causal_anchor_rows(cfg, cfg.block_size) if causal and cfg.top_k else None
+    per_block = num_key_blocks * (len(rows) if rows else 1)
+    return max(1, min(num_query_blocks, CHOICE_CHUNK_ELEMENTS // per_block))
 
 
 def map_chunks(fn, chunk: int, n: int, blocked: tuple, axes: tuple[int, ...], shared: tuple = ()):
@@ -305,8 +329,11 @@ def map_chunks(fn, chunk: int, n: int, blocked: tuple, axes: tuple[int, ...], sh
     return jax.tree.map(join, outs)
 
 
-def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, num_query_blocks, group):
-    """Random and top-k slots of some query blocks: `idx, valid` `[B, H // group, n, R + k]`."""
+def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, num_query_blocks, group, est_chunk,
+                   fused=False):
+    """Random and top-k slots of some query blocks: `idx, valid` `[B, H // group, n, R + k]`; their
+    scores estimated `est_chunk` query blocks at a time (`map_chunks`), or by the fused kernel
+    (`pallas_estimate`, `fused`) all at once."""
     B, H, n, _, _ = q_est.shape
     m = kb.shape[2]
     Hk = H // group
@@ -329,12 +356,22 @@ def _dynamic_slots(q_est, qids, idx0, valid0, kb, kmask_b, rng, *, cfg, causal, 
         sg = jax.lax.stop_gradient
         est = ESTIMATORS.get(cfg.estimator).fn
         rows = causal_anchor_rows(cfg, kb.shape[3]) if causal else None
-        if rows is None:
-            scores = anchor_scores(est, sg(q_est), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
-            scores_P = sg(scores)[..., None]
-        else:  # one single-query anchor per row offset, scored apart
-            scores = sub_block_scores(est, sg(q_est), len(rows), sg(kb), kmask_b, allowed, cfg=cfg, rng=rng, qids=qids)
-            scores_P = jnp.moveaxis(sg(scores), 3, 4)
+
+        def score(q_c, qids_c, allowed_c, kb, kmask_b, rng):  # noqa: ANN001, ANN202 (one estimate chunk)
+            if fused:
+                from sparseformer.attention import pallas_estimate
+
+                p = len(rows) if rows is not None else min(cfg.anchors, q_c.shape[3])
+                s = pallas_estimate.sub_block_scores(cfg.estimator, q_c, p, kb, kmask_b)
+                return s if rows is not None else jnp.max(s, axis=3)
+            if rows is None:
+                return anchor_scores(est, q_c, kb, kmask_b, allowed_c, cfg=cfg, rng=rng, qids=qids_c)
+            # one single-query anchor per row offset, scored apart
+            return sub_block_scores(est, q_c, len(rows), kb, kmask_b, allowed_c, cfg=cfg, rng=rng, qids=qids_c)
+
+        chunk = n if fused else est_chunk
+        scores = sg(map_chunks(score, chunk, n, (sg(q_est), qids, allowed), (2, 0, 0), (sg(kb), kmask_b, rng)))
+        scores_P = scores[..., None] if rows is None else jnp.moveaxis(scores, 3, 4)
         if group > 1:  # a group's heads share one choice: the blocks their masses favour together
             scores_P = jax.nn.logsumexp(scores_P.reshape(B, Hk, group, n, m, -1), axis=2)
         # causal: shares are estimated over the blocks strictly before the query block, since
@@ -408,6 +445,7 @@ def choose_blocks(
     causal: bool,
     rng: jax.Array,
     group: int = 1,
+    fused_estimate: bool = False,
 ) -> Selection:
     """Pick the key blocks of each query block.
 
@@ -419,9 +457,14 @@ def choose_blocks(
       qids: `[n]` index of each query block among all `num_query_blocks`.
       rng: drives random blocks and the `sampled` estimator.
       group: query heads per key/value head; the heads of a group share one choice.
+      fused_estimate: score with the fused Pallas kernel (`pallas_estimate`) when the estimator
+        is one it computes (`maxkey`, `lsekey`): `attend` asks for it with the `pallas` exact
+        kernel. It needs no estimate chunks (no `rows x S` scores are held).
 
-    The estimate is computed per chunk of query blocks (`estimate_chunk`), so its transient
-    scores stay bounded whatever the length; the result does not depend on the chunking.
+    The choice is made per chunk of query blocks (`choice_chunk`), and within it the estimate per
+    smaller chunk (`estimate_chunk`), so the transient scores stay bounded whatever the length
+    while the choice's many small ops run a few times, not once per estimate chunk; the result
+    does not depend on the chunking.
     """
     B, H, n = q_est.shape[:3]
     m, b = kb.shape[2], kb.shape[3]
@@ -432,10 +475,15 @@ def choose_blocks(
     idx = jnp.broadcast_to(idx0, (B, H // group) + idx0.shape)
     valid = jnp.broadcast_to(valid0, (B, H // group) + valid0.shape)
     if cfg.random_blocks or cfg.top_k:
+        chunk = choice_chunk(cfg, n, m, causal)
+        if fused_estimate and cfg.top_k:
+            from sparseformer.attention.pallas_estimate import fused_estimator
+
+            fused_estimate = fused_estimator(cfg.estimator, b, q_est.shape[-1])
         fn = functools.partial(
-            _dynamic_slots, cfg=cfg, causal=causal, num_query_blocks=num_query_blocks, group=group
+            _dynamic_slots, cfg=cfg, causal=causal, num_query_blocks=num_query_blocks, group=group,
+            est_chunk=estimate_chunk(cfg, chunk, m * b, q_est.shape[-1]), fused=bool(fused_estimate and cfg.top_k),
         )
-        chunk = estimate_chunk(cfg, n, m * b)
         idx_d, valid_d, start_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
         idx = jnp.concatenate([idx, idx_d], axis=-1)
         valid = jnp.concatenate([valid, valid_d], axis=-1)

@@ -35,9 +35,13 @@ def test_chunked_choice_and_pool_equal_one_shot(monkeypatch, estimator, causal):
     monkeypatch.setattr(compression, "POOL_CHUNK_SHARE", 1e9)  # the pooled branch in one chunk
     assert compression.pool_chunk_rows(T, T // B, 16) == T
     (_, out1), g1 = _loss_and_grads(c, q, k, v, causal=causal, kv_mask=kv_mask)
-    # maxkey: 3 query blocks a chunk (the last one padded); sampled: 1; pool: 5 query rows a chunk
-    # (0.02 * T * D / (T / B) = 5.12), the last chunk overlapping the one before
+    # choice: 5 query blocks a chunk (the last one padded), each scored 3 blocks at a time by maxkey
+    # (the last one padded again), 1 by sampled; pool: 5 query rows a chunk (0.02 * T * D / (T / B)
+    # = 5.12), the last chunk overlapping the one before
+    anchors = len(selection.causal_anchor_rows(c.selection, B) or (0,)) if causal else 1
+    monkeypatch.setattr(selection, "CHOICE_CHUNK_ELEMENTS", 5 * (T // B) * anchors)
     monkeypatch.setattr(selection, "ESTIMATE_CHUNK_ELEMENTS", 3 * T)
+    assert selection.choice_chunk(c.selection, T // B, T // B, causal) == 5
     monkeypatch.setattr(compression, "POOL_CHUNK_SHARE", 0.02)
     assert compression.pool_chunk_rows(T, T // B, 16) == 5
     (_, out2), g2 = _loss_and_grads(c, q, k, v, causal=causal, kv_mask=kv_mask)
@@ -50,8 +54,27 @@ def test_chunking_bounds_the_choice_estimate():
     c = presets.get("rsa").selection
     assert selection.estimate_chunk(c, 1024, 65536) * 65536 <= selection.ESTIMATE_CHUNK_ELEMENTS
     assert selection.estimate_chunk(c, 8, 128) == 8  # short inputs: one chunk, no loop
+    # a short input's scores stay within one key array (S x D): 4 anchors x 4096 keys x 16 blocks
+    assert selection.estimate_chunk(c, 64, 4096) == 64
+    assert selection.estimate_chunk(c, 64, 4096, 64) == 16
     c.estimator = "oracle"
     assert selection.estimate_chunk(c, 1024, 65536) == 1  # 64 rows of 64K scores already exceed the budget
+    # pooled holds one score a key block (m = 1024), not a key: 64K tokens in one chunk, no loop
+    c = presets.get("nsa").selection
+    assert c.estimator == "pooled" and c.anchors == 1
+    assert selection.estimate_chunk(c, 1024, 65536, 64) == 1024
+    c.anchors = 4
+    assert selection.estimate_chunk(c, 1024, 65536, 64) == 256
+
+
+def test_choice_chunks_are_b_times_larger_than_estimate_chunks():
+    # the choice's small ops run once per choice chunk: 1 chunk bidirectionally at 64K (1024 blocks
+    # of 64), 4 causally (4 anchors kept apart), where the estimate takes 256 chunks of 4
+    c = presets.get("rsa").selection
+    assert selection.choice_chunk(c, 1024, 1024, causal=False) == 1024
+    assert selection.choice_chunk(c, 1024, 1024, causal=True) == 256
+    assert selection.estimate_chunk(c, 1024, 65536, 64) == 4
+    assert selection.choice_chunk(c, 64, 64, causal=True) == 64  # short inputs: one chunk
 
 
 

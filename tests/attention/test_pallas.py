@@ -316,8 +316,10 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads, options)
     with pallas_kernel.compile_for_gpu(), pallas_kernel.launch_options(**options):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
-    # forward, dq, dk/dv, and the long key blocks' first pieces plus their in-order partial sums
-    assert text.count("__gpu$xla.gpu.triton") == 4
+    # the estimate (rsa's maxkey, fused), forward, dq, dk/dv, and the long key blocks' partial sums
+    # added in order
+    assert text.count("__gpu$xla.gpu.triton") == 5
+    assert text.count('name = "sparseformer_maxkey_scores"') == 1
     # the gradients are written once, in bfloat16 (dk and dv finished in place): never whole in float32
     calls = {re.search(r'name = "(sparseformer_[a-z_]+)"', line).group(1): line
              for line in text.splitlines() if "__gpu$xla.gpu.triton" in line}
@@ -336,7 +338,8 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads, options)
 
 def test_a_decoding_step_lowers_for_the_gpu():
     """A KV-cache decoding step (`query_block`, a traced block index: what the LM's cached decoding
-    and `sparseformer bench --model` run on a GPU) lowers to the fused forward program alone."""
+    and `sparseformer bench --model` run on a GPU) lowers to the fused estimate of its one query block
+    and the fused forward program, nothing else."""
     T, H, D = 4096, 8, 64
     c = presets.get("rsa")
     c.selection.kernel = "pallas"
@@ -349,7 +352,8 @@ def test_a_decoding_step_lowers_for_the_gpu():
     with pallas_kernel.compile_for_gpu():
         text = jax.jit(step).trace(x, x, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert re.findall(r'name = "(sparseformer_[a-z_]+)"', text) == ["sparseformer_block_sparse_fwd"]
+    assert re.findall(r'name = "(sparseformer_[a-z_]+)"', text) == ["sparseformer_maxkey_scores",
+                                                                     "sparseformer_block_sparse_fwd"]
 
 
 @pytest.mark.parametrize("block,head_dim,causal,padding,heads", [
@@ -385,6 +389,9 @@ def test_auto_takes_the_fused_kernel_on_a_gpu_only():
     assert selection_kernel(c, 256, head_dim=64, backend="cpu") == "masked"
     assert selection_kernel(c, 8192, head_dim=24, backend="gpu") == "scan"  # Triton tiles are powers of two
     assert selection_kernel(c, 8192, head_dim=64, backend="tpu") == "scan"  # the TPU kernel is not timed yet
+    with pallas_kernel.compile_for_gpu():  # compiling for a GPU without one (benchmarks/gpu_aot.py)
+        assert selection_kernel(c, 8192, head_dim=64) == "pallas"
+    assert selection_kernel(c, 8192, head_dim=64) == "scan"  # this CPU
 
 
 def test_unsupported_shapes_are_refused_before_compiling():

@@ -179,11 +179,18 @@ def test_every_method_gpu_sh_times_lowers_for_the_gpu(tmp_path, monkeypatch):
                 assert kernels == ({"sparseformer_block_sparse_fwd"} if pass_name == "fwd" else
                                    {f"sparseformer_block_sparse_{k}" for k in ("fwd", "dq", "dkv", "dkv_finish")}), (
                     name, causal, pass_name, kernels)
+                # rsa's maxkey estimate is fused too (nsa's pooled one and bigbird's random draws are XLA's)
+                assert ("sparseformer_maxkey_scores" in text) == name.startswith("rsa"), (name, pass_name)
             else:
                 assert "__gpu$xla.gpu.triton" in text, name
+    from sparseformer.attention import pallas_estimate
+
     for preset, causal in sorted(breakdown_cases):
-        fwd, bwd, args, kernel = breakdown.components(preset, T, H=H, D=D, dtype=jnp.bfloat16, causal=causal)
+        with monkeypatch.context() as m:  # the choice it passes on as data is computed here, on the CPU
+            m.setattr(pallas_estimate, "fused_estimator", lambda *a: False)
+            fwd, bwd, args, kernel = breakdown.components(preset, T, H=H, D=D, dtype=jnp.bfloat16, causal=causal)
         assert kernel == "pallas"
+        assert "sparseformer_maxkey_scores" in _lower_for_the_gpu(fwd["choice"], *args["choice"])  # as attend chooses
         for name in set(fwd) - {"dense"}:
             _lower_for_the_gpu(fwd[name], *args[name])
         for name in set(bwd) - {"dense"}:
@@ -200,7 +207,8 @@ def test_triton_sm90_takes_each_kernels_triton_ir_and_launch_options():
 
     programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512, causal=True, padding=True))
     names = [p["kernel"] for p in programs]
-    assert sorted(names) == sorted(f"sparseformer_block_sparse_{k}" for k in ("fwd", "dq", "dkv", "dkv_finish"))
+    assert sorted(names) == sorted([f"sparseformer_block_sparse_{k}" for k in ("fwd", "dq", "dkv", "dkv_finish")]
+                                   + ["sparseformer_maxkey_scores"])  # rsa's estimate, fused
     for p in programs:
         assert p["ttir"].startswith(f"module @{p['kernel']}") and "tt.func" in p["ttir"], p["ttir"][:200]
         assert p["num_warps"] == 4 and p["num_stages"] == 2  # blocks of 64, head dim 64: Plan.params
@@ -307,7 +315,10 @@ def test_launch_options_reach_the_gpu_programs():
 
     with pallas_kernel.launch_options(8, 3):
         programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512))
-    assert len(programs) == 4 and all((p["num_warps"], p["num_stages"]) == (8, 3) for p in programs)
+    walks = [p for p in programs if p["kernel"].startswith("sparseformer_block_sparse_")]
+    assert len(walks) == 4 and all((p["num_warps"], p["num_stages"]) == (8, 3) for p in walks)
+    [estimate] = [p for p in programs if p not in walks]  # the fused estimate keeps its own launch
+    assert (estimate["num_warps"], estimate["num_stages"]) == (4, 2)
     with pytest.raises(ValueError, match="num_warps and num_stages together"):
         with pallas_kernel.launch_options(8):
             pass
@@ -352,13 +363,13 @@ def test_dkv_kernels_drop_pipelining_when_a_group_spans_tiles():
 
     stages = {p["kernel"].removeprefix("sparseformer_block_sparse_"): p["num_stages"]
               for p in triton_sm90.triton_programs(triton_sm90.Case("mqa", length=512, kv_heads=1, head_dim=128))}
-    assert stages == {"fwd": 2, "dq": 2, "dkv": 1, "dkv_finish": 1}, stages
+    assert stages == {"fwd": 2, "dq": 2, "dkv": 1, "dkv_finish": 1, "sparseformer_maxkey_scores": 2}, stages
     stages = {p["kernel"]: p["num_stages"] for p in triton_sm90.triton_programs(triton_sm90.Case("mha", length=512))}
     assert set(stages.values()) == {2}, stages
 
 
 def test_float32_matmuls_follow_jax_matmul_precision():
-    """The fused kernel's float32 matmuls run TF32 on a GPU by default (as XLA's do) and full float32
+    """The fused kernels' float32 matmuls run TF32 on a GPU by default (as XLA's do) and full float32
     under "highest": what the module says, and why gpu_check compares float32 under "highest"."""
     import re
 
@@ -372,7 +383,7 @@ def test_float32_matmuls_follow_jax_matmul_precision():
     finish = "sparseformer_block_sparse_dkv_finish"  # adds partial sums: no matmul
     assert all("tt.dot" not in p["ttir"] for p in default + highest if p["kernel"] == finish)
     walks = [p for p in default if p["kernel"] != finish]
-    assert len(walks) == 3
+    assert len(walks) == 4  # forward, dq, dk/dv and the fused estimate
     for p in walks:
         assert set(re.findall(r"inputPrecision = (\w+)", p["ttir"])) == {"tf32"}, p["kernel"]
     for p in highest:
@@ -403,3 +414,19 @@ def test_the_tune_stage_saves_each_variant_as_it_is_timed(tmp_path, monkeypatch)
     assert all(r["rows"][0]["incomplete"] and len(r["rows"]) == 1 for r in seen)
     kept = json.loads((tmp_path / "tune.json").read_text())["rows"][0]
     assert kept["incomplete"] and kept["launches"]["4x1"]["fwd_bwd_ms"] > 0
+
+
+def test_dense_pallas_compiles_for_a_gpu_without_one():
+    """`benchmarks/gpu_aot.py` builds JAX's Pallas flash attention under `compile_for_gpu` (no GPU,
+    no monkeypatched backend); elsewhere on a CPU it is skipped, as it would only run interpreted."""
+    from sparseformer.attention import pallas_kernel
+    from sparseformer.bench import methods
+
+    shape = methods.Shape(1, 256, 2, 64, dtype="bfloat16")
+    with pytest.raises(methods.SkipCase, match="GPU"):
+        methods.build("dense_pallas", shape)
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    with pallas_kernel.compile_for_gpu():
+        method = methods.build("dense_pallas", shape)
+        text = _lower_for_the_gpu(methods.make_pass(method, "fwd"), q, q, q, {}, jax.random.key(0))
+    assert "__gpu$xla.gpu.triton" in text
