@@ -257,11 +257,32 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel, public: P
     group = public.q.shape[2] // k_mean.shape[1]
     if group > 1:  # the summaries are small: one per query head
         k_mean, v_mean, var = (jnp.repeat(x, group, axis=1) for x in (k_mean, v_mean, var))
-    T = public.q.shape[1]
-    chunk = pool_chunk_rows(T, k_mean.shape[2], public.q.shape[-1])
-    static = _PoolStatic(p, moments, causal, chunk, float(public.scale))
-    out, lse = _pool_attention(static, public.q, q_pos, k_mean, var if moments else None, v_mean, cnt, sel)
+    T, D = public.q.shape[1], public.q.shape[-1]
+    rows = sel.block_size if sel is not None else FUSED_POOL_ROWS
+    if fused_pool(config, public, rows):  # the same attention, one kernel a pass (pallas_pool)
+        from sparseformer.attention.pallas_pool import pool_attention
+
+        out, lse = pool_attention(public.q, q_pos, k_mean, var if moments else None, v_mean, cnt, sel, p=p,
+                                  moments=moments, causal=causal, scale=float(public.scale), rows=rows)
+    else:
+        static = _PoolStatic(p, moments, causal, pool_chunk_rows(T, k_mean.shape[2], D), float(public.scale))
+        out, lse = _pool_attention(static, public.q, q_pos, k_mean, var if moments else None, v_mean, cnt, sel)
     return Branch.from_softmax(out, lse), dict(k_mean=k_mean, var=var, cnt=cnt, p=p, moments=moments)
+
+
+# query rows a fused pooled program holds when no selection sets them (its block size does)
+FUSED_POOL_ROWS = 64
+
+
+def fused_pool(config, public: Public, rows: int) -> bool:
+    """Whether the pooled branch runs as the fused kernels (`pallas_pool`): with the `pallas` exact
+    kernel (`selection.kernel`, `auto` on a GPU), where the Triton tiles take its shapes."""
+    from sparseformer.attention.config import selection_kernel
+    from sparseformer.attention.pallas_pool import usable
+
+    T, D = public.q.shape[1], public.q.shape[-1]
+    kernel = selection_kernel(config, public.k.shape[1], head_dim=D, dtype=public.q.dtype)
+    return kernel == "pallas" and usable(T, D, rows)
 
 
 def _pool_rows(state, q_rows, t_rows, excluded, *, causal, kv_mask, start, size):

@@ -317,9 +317,10 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads, options)
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     # the estimate (rsa's maxkey, fused), forward, dq, dk/dv, and the long key blocks' partial sums
-    # added in order
-    assert text.count("__gpu$xla.gpu.triton") == 5
-    assert text.count('name = "sparseformer_maxkey_scores"') == 1
+    # added in order; the pooled branch's forward, dq and summaries' gradients
+    assert text.count("__gpu$xla.gpu.triton") == 8
+    for name in ("maxkey_scores", "pool_fwd", "pool_dq", "pool_dsum"):
+        assert text.count(f'name = "sparseformer_{name}"') == 1, name
     # the gradients are written once, in bfloat16 (dk and dv finished in place): never whole in float32
     calls = {re.search(r'name = "(sparseformer_[a-z_]+)"', line).group(1): line
              for line in text.splitlines() if "__gpu$xla.gpu.triton" in line}
@@ -338,8 +339,8 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads, options)
 
 def test_a_decoding_step_lowers_for_the_gpu():
     """A KV-cache decoding step (`query_block`, a traced block index: what the LM's cached decoding
-    and `sparseformer bench --model` run on a GPU) lowers to the fused estimate of its one query block
-    and the fused forward program, nothing else."""
+    and `sparseformer bench --model` run on a GPU) lowers to the fused estimate of its one query block,
+    the fused forward program and the pooled branch's fused forward, nothing else."""
     T, H, D = 4096, 8, 64
     c = presets.get("rsa")
     c.selection.kernel = "pallas"
@@ -352,8 +353,8 @@ def test_a_decoding_step_lowers_for_the_gpu():
     with pallas_kernel.compile_for_gpu():
         text = jax.jit(step).trace(x, x, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert re.findall(r'name = "(sparseformer_[a-z_]+)"', text) == ["sparseformer_maxkey_scores",
-                                                                     "sparseformer_block_sparse_fwd"]
+    assert re.findall(r'name = "(sparseformer_[a-z_]+)"', text) == [
+        "sparseformer_maxkey_scores", "sparseformer_block_sparse_fwd", "sparseformer_pool_fwd"]
 
 
 @pytest.mark.parametrize("block,head_dim,causal,padding,heads", [

@@ -208,7 +208,8 @@ def test_triton_sm90_takes_each_kernels_triton_ir_and_launch_options():
     programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512, causal=True, padding=True))
     names = [p["kernel"] for p in programs]
     assert sorted(names) == sorted([f"sparseformer_block_sparse_{k}" for k in ("fwd", "dq", "dkv", "dkv_finish")]
-                                   + ["sparseformer_maxkey_scores"])  # rsa's estimate, fused
+                                   + ["sparseformer_maxkey_scores"]  # rsa's estimate, fused
+                                   + [f"sparseformer_pool_{k}" for k in ("fwd", "dq", "dsum")])  # and its pooled branch
     for p in programs:
         assert p["ttir"].startswith(f"module @{p['kernel']}") and "tt.func" in p["ttir"], p["ttir"][:200]
         assert p["num_warps"] == 4 and p["num_stages"] == 2  # blocks of 64, head dim 64: Plan.params
@@ -317,8 +318,8 @@ def test_launch_options_reach_the_gpu_programs():
         programs = triton_sm90.triton_programs(triton_sm90.Case("tiny", length=512))
     walks = [p for p in programs if p["kernel"].startswith("sparseformer_block_sparse_")]
     assert len(walks) == 4 and all((p["num_warps"], p["num_stages"]) == (8, 3) for p in walks)
-    [estimate] = [p for p in programs if p not in walks]  # the fused estimate keeps its own launch
-    assert (estimate["num_warps"], estimate["num_stages"]) == (4, 2)
+    others = [p for p in programs if p not in walks]  # the fused estimate and pooled branch keep their own
+    assert len(others) == 4 and all((p["num_warps"], p["num_stages"]) == (4, 2) for p in others)
     with pytest.raises(ValueError, match="num_warps and num_stages together"):
         with pallas_kernel.launch_options(8):
             pass
@@ -363,7 +364,8 @@ def test_dkv_kernels_drop_pipelining_when_a_group_spans_tiles():
 
     stages = {p["kernel"].removeprefix("sparseformer_block_sparse_"): p["num_stages"]
               for p in triton_sm90.triton_programs(triton_sm90.Case("mqa", length=512, kv_heads=1, head_dim=128))}
-    assert stages == {"fwd": 2, "dq": 2, "dkv": 1, "dkv_finish": 1, "sparseformer_maxkey_scores": 2}, stages
+    assert stages == {"fwd": 2, "dq": 2, "dkv": 1, "dkv_finish": 1, "sparseformer_maxkey_scores": 2,
+                      "sparseformer_pool_fwd": 2, "sparseformer_pool_dq": 2, "sparseformer_pool_dsum": 2}, stages
     stages = {p["kernel"]: p["num_stages"] for p in triton_sm90.triton_programs(triton_sm90.Case("mha", length=512))}
     assert set(stages.values()) == {2}, stages
 
@@ -383,7 +385,7 @@ def test_float32_matmuls_follow_jax_matmul_precision():
     finish = "sparseformer_block_sparse_dkv_finish"  # adds partial sums: no matmul
     assert all("tt.dot" not in p["ttir"] for p in default + highest if p["kernel"] == finish)
     walks = [p for p in default if p["kernel"] != finish]
-    assert len(walks) == 4  # forward, dq, dk/dv and the fused estimate
+    assert len(walks) == 7  # forward, dq, dk/dv, the fused estimate and the pooled branch's three
     for p in walks:
         assert set(re.findall(r"inputPrecision = (\w+)", p["ttir"])) == {"tf32"}, p["kernel"]
     for p in highest:
