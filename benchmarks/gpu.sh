@@ -2,8 +2,9 @@
 # The whole GPU measurement of the attention kernels, in one call, in order of importance:
 #
 #   1. check   benchmarks/gpu_check.py: the compiled fused kernel against the scan kernel (outputs,
-#              log-sum-exps, gradients; bf16/f16/f32, causal, padding, GQA, row starts), the
-#              backward pass run twice bit for bit, and the kernel alone against cuDNN and against
+#              log-sum-exps, gradients; bf16/f16/f32, causal, padding, GQA, row starts), then the fused
+#              pooled branch and estimate against XLA's, each backward pass run twice bit for bit,
+#              and the kernel alone against cuDNN and against
 #              the scan kernel (TFLOP/s). If it fails, the later stages time the sparse presets on
 #              the scan kernel (PRESET/scan), so the run still measures the linear-memory branches
 #   2. bidir   sparseformer bench, bfloat16, B=1, H=8, D=64, 4K-64K: dense (cuDNN), dense_pallas

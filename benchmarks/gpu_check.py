@@ -7,7 +7,11 @@
    compiled Pallas kernel against the `scan` kernel on the same `Selection`
    (random, with unused slots, repeated global blocks and row starts), outputs, log-sum-exps and
    dq/dk/dv, bfloat16 and float32, bidirectional with padding and causal, GQA; relative errors.
-2. Determinism: the backward pass twice on the same inputs, compared bit for bit.
+   Then the other parts the `pallas` kernel choice fuses (`kernel_check.BRANCH_CASES`): the pooled
+   branch against the XLA one (out, lse, q/k/v gradients through the summaries, the same selection
+   left out) and the `maxkey` estimate's scores against XLA's.
+2. Determinism: the backward pass twice on the same inputs, compared bit for bit (the pooled
+   branch's too).
 3. The kernel alone: forward and forward+backward time of `fused_block_attention` with rsa's budget
    (8 slots of 64 per query block), head-major and reading `[B, T, H, D]` in place (as `attend`
    calls it), against cuDNN and JAX's Pallas flash attention at the same
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer.attention import pallas_kernel
-from sparseformer.attention.kernel_check import CHECK_CASES, check, scan_block_attention
+from sparseformer.attention.kernel_check import BRANCH_CASES, CHECK_CASES, check, check_branches, scan_block_attention
 from sparseformer.attention.selection import Selection
 
 
@@ -276,9 +280,9 @@ def main(out_dir: str) -> int:
     os.makedirs(out_dir, exist_ok=True)
     report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "checks": [], "speed": []}
     ok = True
-    for c in CHECK_CASES:
+    for fn, c in [(check, c) for c in CHECK_CASES] + [(check_branches, c) for c in BRANCH_CASES]:
         try:
-            r = check(**c)
+            r = fn(**c)
         except Exception as e:  # noqa: BLE001
             r = {"name": c["name"], "ok": False, "error": f"{type(e).__name__}: {e}"}
         ok &= r["ok"]

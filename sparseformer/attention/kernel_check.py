@@ -9,8 +9,11 @@ check that the compiled kernel agrees with the reference on their device, JAX an
 log-sum-exps and dq/dk/dv of one loss on a random `Selection` with the awkward cases in it (unused
 slots, a key block every query block chose, row starts, padding), relative errors against the
 `scan` kernel, and the backward pass run twice and compared bit for bit (the trainer's
-resume-equals-uninterrupted promise). Exit status 1 on a failure, with what to do instead. On a CPU
-the kernel runs in Pallas' interpret mode (small default shapes; slow).
+resume-equals-uninterrupted promise). The same shapes then check the two other parts `pallas`
+fuses: the pooled branch (`pallas_pool`, outputs and q/k/v gradients through the summaries against
+the XLA branch, with exclusion of the same selection) and the `maxkey` estimate (`pallas_estimate`,
+its scores against XLA's). Exit status 1 on a failure, with what to do instead. On a CPU the
+kernels run in Pallas' interpret mode (small default shapes; slow).
 
 The same pieces serve the kernel tests (`tests/attention/test_pallas.py`, interpret mode) and the
 GPU stage (`benchmarks/gpu_check.py`).
@@ -94,6 +97,19 @@ CHECK_CASES = [
          causal=False, padding=True, row_starts=True, layout="BTHD"),
     dict(name="bf16 causal gqa b128 d128 in place", T=4096, b=128, D=128, H=4, G=2, dtype=jnp.bfloat16,
          causal=True, padding=False, row_starts=False, layout="BTHD"),
+]
+
+
+# The fused pooled branch and estimate, checked by `check_branches` at the GPU stage's sizes (`--standard`
+# and `benchmarks/gpu_check.py`): bidirectional with padding and row starts, causal with blocks of 128
+# and head dim 128, float32 at full precision.
+BRANCH_CASES = [
+    dict(name="bf16 bidir padding rowstart b64 d64", T=4096, b=64, D=64, H=8, dtype=jnp.bfloat16, causal=False,
+         padding=True, row_starts=True),
+    dict(name="bf16 causal rowstart b128 d128", T=4096, b=128, D=128, H=4, dtype=jnp.bfloat16, causal=True,
+         padding=False, row_starts=True),
+    dict(name="f32 causal padding b64 d64", T=2048, b=64, D=64, H=4, dtype=jnp.float32, causal=True,
+         padding=True, row_starts=False, precision="highest"),
 ]
 
 
@@ -184,6 +200,67 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BH
             "deterministic": deterministic, "tolerance": tol, "ok": ok}
 
 
+def _pool_pair(*, T, b, H, D, causal, kv_mask, sel):
+    """`(fused, xla)`: the pooled branch (rsa's: summaries of `b` keys with the variance feature,
+    the selection's blocks left out) as functions of head-major `(q, k, v)` returning `(out, lse)`."""
+    from sparseformer.attention import compression, pallas_pool
+
+    def branch(fused):
+        def fn(q, k, v):
+            q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # the public [B, T, H, D] layout
+            k_mean, v_mean, cnt, var = compression._pool_summaries(k, v, kv_mask, b)
+            q_pos = jnp.arange(T)
+            if fused:
+                return pallas_pool.pool_attention(q, q_pos, k_mean, var, v_mean, cnt, sel, p=b, moments=True,
+                                                  causal=causal, scale=1.0, rows=b)
+            static = compression._PoolStatic(b, True, causal, compression.pool_chunk_rows(T, T // b, D), 1.0)
+            return compression._pool_attention(static, q, q_pos, k_mean, var, v_mean, cnt, sel)
+
+        return fn
+
+    return branch(True), branch(False)
+
+
+def check_branches(name, *, T, b, D, H, dtype, causal, padding, row_starts, seed=0, precision=None):
+    """The pooled branch and the `maxkey` estimate fused (what `pallas` runs beside the exact
+    kernel) against their XLA versions on one random case: the branch's out, lse and q/k/v gradients
+    (its backward run twice, bit for bit), and the estimate's scores with 4 anchors."""
+    from sparseformer.attention import pallas_estimate, presets, selection
+    from sparseformer.attention.registry import ESTIMATORS
+
+    rng = np.random.default_rng(seed)
+    qh, kh, vh, w_out, w_lse = random_inputs(seed, B=1, H=H, Hk=H, T=T, D=D, dtype=dtype)
+    kv_mask = jnp.ones((1, T), bool).at[0, T - b // 2 :].set(False) if padding else None
+    sel = random_selection(rng, B=1, Hk=H, G=1, n=T // b, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
+    fused, xla = _pool_pair(T=T, b=b, H=H, D=D, causal=causal, kv_mask=kv_mask, sel=sel)
+    cfg = presets.get("rsa").selection
+    q_est, kb = to_blocks(qh, b), to_blocks(kh, b)
+    kmask_b = None if kv_mask is None else kv_mask.reshape(1, T // b, b)
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():  # read while tracing
+        gf, gx = jax.jit(loss_grads(fused, w_out, w_lse)), jax.jit(loss_grads(xla, w_out, w_lse))
+        pool_f, pool_x = gf(qh, kh, vh), gx(qh, kh, vh)
+        (_, _), d_f2 = gf(qh, kh, vh)
+        scores_f = jax.jit(lambda q, k: pallas_estimate.sub_block_scores("maxkey", q, 4, k, kmask_b))(q_est, kb)
+        scores_x = jax.jit(lambda q, k: selection.sub_block_scores(
+            ESTIMATORS.get("maxkey").fn, q, 4, k, kmask_b, jnp.ones((T // b, T // b), bool), cfg=cfg, rng=None,
+            qids=jnp.arange(T // b)))(q_est, kb)
+    errs, tol, ok = compare(pool_f, pool_x, dtype)
+    # rows that see no summary (causal: the first) have lse LOG0 both ways; the error is over the others
+    lse_f, lse_x = pool_f[0][1][1], pool_x[0][1][1]
+    seen = lse_x > -1e29
+    errs["lse"] = relative_error(jnp.where(seen, lse_f, 0.0), jnp.where(seen, lse_x, 0.0))
+    ok = ok and errs["lse"] < tol and bool(jnp.all((lse_f > -1e29) == seen))
+    errs = {f"pool_{k}": e for k, e in errs.items()}
+    real = scores_x > -1e29  # a block of padding only scores LOG0 both ways
+    errs["maxkey_scores"] = relative_error(jnp.where(real, scores_f, 0.0), jnp.where(real, scores_x, 0.0))
+    scores_ok = bool(jnp.all((scores_f > -1e29) == real)) and errs["maxkey_scores"] < tol
+    deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(pool_f[1], d_f2))
+    return {"name": f"pool and estimate: {name}", "T": T, "block": b, "head_dim": D, "heads": H,
+            "dtype": jnp.dtype(dtype).name, "precision": precision or "default", "causal": causal,
+            "padding": padding, "row_starts": row_starts, "errors": errs, "deterministic": deterministic,
+            "tolerance": tol, "ok": ok and scores_ok and deterministic}
+
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -236,11 +313,19 @@ def case_from_args(a: argparse.Namespace) -> dict:
                 precision="highest" if dtype == jnp.float32 else None)  # float32 runs TF32 by default on a GPU
 
 
+def _branch_case(case: dict) -> dict:
+    """The pooled branch and estimate's check at a command-line case's shapes (its heads all query
+    heads: the branch's summaries are repeated to them)."""
+    keep = ("name", "T", "b", "D", "H", "dtype", "causal", "padding", "row_starts", "precision")
+    return {k: case[k] for k in keep if k in case}
+
+
 def kernel_check_main(argv: list[str]) -> int:
     """`sparseformer kernel-check`: exit 0 when every case agrees and is deterministic, 1 otherwise."""
     a = _parser().parse_args(argv)
     try:
         cases = CHECK_CASES if a.standard else [case_from_args(a)]
+        branch_cases = BRANCH_CASES if a.standard else [_branch_case(cases[0])]
     except ValueError as e:
         print(f"sparseformer kernel-check: {e}", file=sys.stderr)
         return 2
@@ -249,9 +334,10 @@ def kernel_check_main(argv: list[str]) -> int:
     print(f"the fused kernel against the scan kernel on {where}"
           + (": interpreted (Pallas interpret mode), slow" if interpreted else ""), flush=True)
     results = []
-    for case in cases:
+    runs = [(check, case) for case in cases] + [(check_branches, case) for case in branch_cases]
+    for fn, case in runs:
         try:
-            r = check(**case)
+            r = fn(**case)
         except Exception as e:  # noqa: BLE001 (a kernel that fails to compile is a failed check)
             r = {"name": case["name"], "ok": False, "error": f"{type(e).__name__}: {e}"}
         results.append(r)

@@ -20,9 +20,30 @@ def test_passes_on_gqa_causal_padding_row_starts_and_writes_its_report(tmp_path,
     assert code == 0, text
     assert "interpreted" in text and "ok     float32 causal padding rowstart T128 b16 d16 4/2 heads" in text
     report = json.loads(out.read_text())
-    (case,) = report["checks"]
+    case, branches = report["checks"]
     assert report["ok"] and case["deterministic"] and case["group"] == 2 and case["precision"] == "highest"
     assert set(case["errors"]) == {"out", "lse", "dq", "dk", "dv"} and max(case["errors"].values()) < 1e-4
+    # the same shapes check the fused pooled branch and estimate against XLA's
+    assert "ok     pool and estimate: float32 causal padding rowstart T128" in text
+    assert branches["ok"] and branches["deterministic"] and branches["causal"] and branches["row_starts"]
+    assert set(branches["errors"]) == {f"pool_{x}" for x in ("out", "lse", "dq", "dk", "dv")} | {"maxkey_scores"}
+    assert max(branches["errors"].values()) < 1e-4
+
+
+def test_a_fused_pooled_branch_that_disagrees_fails(monkeypatch, capsys):
+    from sparseformer.attention import pallas_pool
+
+    real = pallas_pool.pool_attention
+
+    def off_by_a_little(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out * 1.01, lse
+
+    monkeypatch.setattr(pallas_pool, "pool_attention", off_by_a_little)
+    assert kernel_check.kernel_check_main(["--length=64", "--block-size=16", "--head-dim=16", "--heads=2"]) == 1
+    captured = capsys.readouterr()
+    assert "ok     float32 bidir T64" in captured.out  # the exact kernel still agrees
+    assert "FAILED pool and estimate: float32 bidir T64" in captured.out and "(pool_out" in captured.out
 
 
 def test_a_kernel_that_disagrees_or_breaks_fails_with_what_to_do(monkeypatch, capsys):

@@ -432,3 +432,22 @@ def test_dense_pallas_compiles_for_a_gpu_without_one():
         method = methods.build("dense_pallas", shape)
         text = _lower_for_the_gpu(methods.make_pass(method, "fwd"), q, q, q, {}, jax.random.key(0))
     assert "__gpu$xla.gpu.triton" in text
+
+
+def test_the_check_stage_checks_the_fused_branches_and_fails_on_them(tmp_path, monkeypatch):
+    """gpu_check's correctness stage runs the exact kernel's cases and then the fused pooled branch and
+    estimate's (`kernel_check.BRANCH_CASES`); a disagreeing branch fails the stage, so gpu.sh times
+    the presets on the scan kernel. Tiny cases here, interpreted; no speed rows."""
+    from sparseformer.attention import pallas_pool
+
+    tiny = dict(T=128, b=16, D=16, H=2, dtype=jnp.float32, causal=True, padding=True, row_starts=True,
+                precision="highest")
+    monkeypatch.setattr(gpu_check, "CHECK_CASES", [dict(name="tiny", G=1, **tiny)])
+    monkeypatch.setattr(gpu_check, "BRANCH_CASES", [dict(name="tiny", **tiny)])
+    monkeypatch.setattr(gpu_check, "kernel_speed", lambda *a, **k: {})
+    assert gpu_check.main(str(tmp_path)) == 0
+    checks = json.loads((tmp_path / "check.json").read_text())["checks"]
+    assert [c["name"] for c in checks] == ["tiny", "pool and estimate: tiny"] and all(c["ok"] for c in checks)
+    real = pallas_pool.pool_attention
+    monkeypatch.setattr(pallas_pool, "pool_attention", lambda *a, **k: tuple(x * 1.01 for x in real(*a, **k)))
+    assert gpu_check.main(str(tmp_path)) == 1
