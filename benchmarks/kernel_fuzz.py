@@ -12,7 +12,9 @@ key padding (none, a tail, a gap, a whole block, all but the first key), dk/dv l
 pieces' programs first or last, the finish kernel walking long lists' first pieces or only adding
 partial sums, tiles of one or two heads (on a CPU), head-major or `[B, T, H, D]` inputs, float32 or
 bfloat16, and one case in three a run of the query blocks against all the keys (a decoding step or
-a chunk of a prefill, `query_block`). On a CPU each case runs the Triton kernel interpreted or the
+a chunk of a prefill, `query_block`). A Triton case also holds the fused pooled branch
+(`pallas_pool`) to the XLA one on the same selection, keys and rows: summaries of `b` or `b/2` keys,
+the variance feature on or off. On a CPU each case runs the Triton kernel interpreted or the
 TPU kernel in TPU interpret mode (drawn, with a small scalar-memory budget so that lists are split
 across calls); on a GPU or TPU, the compiled kernel of that device. A case the kernel refuses with a `selection.*` error (a shape it
 does not take, a list too long for scalar memory) is counted as refused, not failed; any other
@@ -35,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer.attention import pallas_kernel, pallas_tpu
-from sparseformer.attention.kernel_check import compare, kernel_pair, loss_grads, random_inputs, random_selection
+from sparseformer.attention.kernel_check import (compare, compare_branch, kernel_pair, loss_grads, pool_pair, random_inputs,
+                                                 random_selection)
 
 PADDINGS = ("none", "tail", "gap", "block", "all_but_first")
 
@@ -51,7 +54,8 @@ def draw_case(seed: int) -> dict:
                 piece=pick((1, 2, 3, 16)), heads_a_tile=pick((1, 2)), layout=pick(("BHTD", "BTHD")),
                 target=pick(("triton", "tpu")), dtype=pick(("float32", "bfloat16")), queries=_query_blocks(rng, n),
                 long_lists=pick((1, 2, 8)), extras_first=pick((True, False)),  # drawn last: a seed's earlier
-                finish_walks_first=pick((True, False)))  # draws stay as they were
+                finish_walks_first=pick((True, False)),  # draws stay as they were
+                pool_p=pick((0, 1)), pool_moments=pick((True, False)))  # pooled branch: summaries of b or b/2
 
 
 def _query_blocks(rng: np.random.Generator, n: int) -> list[int] | None:
@@ -125,6 +129,19 @@ def run_case(case: dict) -> dict:
         return dict(c, error=f"{type(e).__name__}: {e}", ok=False)
     want = jax.jit(loss_grads(scan, w_out, w_lse))(q, k, v)
     errors, tolerance, ok = compare(got, want, dtype)
+    if c["target"] == "triton" and "pool_p" in c:  # the fused pooled branch on the same case and selection
+        p = b >> c["pool_p"]
+        q_pos = jnp.arange(T) if c["queries"] is None else (jnp.asarray(c["queries"])[:, None] * b + jnp.arange(b)).reshape(-1)
+        fused_pool, xla_pool = pool_pair(b=b, p=p, moments=c["pool_moments"], causal=c["causal"], kv_mask=kv_mask,
+                                         sel=sel, q_pos=q_pos)
+        try:
+            with _kernel_settings(c):
+                got_pool = jax.jit(loss_grads(fused_pool, w_out, w_lse))(q, k, v)
+        except Exception as e:  # noqa: BLE001
+            return dict(c, error=f"pooled branch: {type(e).__name__}: {e}", ok=False)
+        pool_errors, _, pool_ok = compare_branch(got_pool, jax.jit(loss_grads(xla_pool, w_out, w_lse))(q, k, v), dtype)
+        errors.update({f"pool_{k}": e for k, e in pool_errors.items()})
+        ok = ok and pool_ok
     return dict(c, errors=errors, tolerance=tolerance, ok=ok)
 
 

@@ -200,25 +200,40 @@ def check(name, *, T, b, D, H, G, dtype, causal, padding, row_starts, layout="BH
             "deterministic": deterministic, "tolerance": tol, "ok": ok}
 
 
-def _pool_pair(*, T, b, H, D, causal, kv_mask, sel):
-    """`(fused, xla)`: the pooled branch (rsa's: summaries of `b` keys with the variance feature,
-    the selection's blocks left out) as functions of head-major `(q, k, v)` returning `(out, lse)`."""
+def pool_pair(*, b: int, p: int, moments: bool, causal: bool, kv_mask, sel, q_pos):
+    """`(fused, xla)`: the pooled branch (summaries of `p` keys, with the variance feature if
+    `moments`, the selection's blocks left out; rows of `b` queries a program) as functions of
+    head-major `q [B, H, Tq, D]`, `k, v [B, Hk, T, D]` returning `(out, lse)`, as `compression.pool`
+    calls it (GQA: the summaries repeated to the query heads)."""
     from sparseformer.attention import compression, pallas_pool
 
     def branch(fused):
         def fn(q, k, v):
             q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # the public [B, T, H, D] layout
-            k_mean, v_mean, cnt, var = compression._pool_summaries(k, v, kv_mask, b)
-            q_pos = jnp.arange(T)
+            k_mean, v_mean, cnt, var = compression._pool_summaries(k, v, kv_mask, p)
+            group = q.shape[2] // k.shape[2]
+            k_mean, v_mean, var = (jnp.repeat(x, group, axis=1) for x in (k_mean, v_mean, var))
+            var = var if moments else None
             if fused:
-                return pallas_pool.pool_attention(q, q_pos, k_mean, var, v_mean, cnt, sel, p=b, moments=True,
+                return pallas_pool.pool_attention(q, q_pos, k_mean, var, v_mean, cnt, sel, p=p, moments=moments,
                                                   causal=causal, scale=1.0, rows=b)
-            static = compression._PoolStatic(b, True, causal, compression.pool_chunk_rows(T, T // b, D), 1.0)
+            chunk = compression.pool_chunk_rows(q.shape[1], k_mean.shape[2], q.shape[-1])
+            static = compression._PoolStatic(p, moments, causal, chunk, 1.0)
             return compression._pool_attention(static, q, q_pos, k_mean, var, v_mean, cnt, sel)
 
         return fn
 
     return branch(True), branch(False)
+
+
+def compare_branch(fused: tuple, reference: tuple, dtype) -> tuple[dict, float, bool]:
+    """`compare` for a branch whose rows may see nothing (lse LOG0: causal first rows, padding):
+    the lse error over the rows that see something, and the same rows seeing nothing both ways."""
+    errs, tol, ok = compare(fused, reference, dtype)
+    lse_f, lse_r = fused[0][1][1], reference[0][1][1]
+    seen = lse_r > -1e29
+    errs["lse"] = relative_error(jnp.where(seen, lse_f, 0.0), jnp.where(seen, lse_r, 0.0))
+    return errs, tol, ok and errs["lse"] < tol and bool(jnp.all((lse_f > -1e29) == seen))
 
 
 def check_branches(name, *, T, b, D, H, dtype, causal, padding, row_starts, seed=0, precision=None):
@@ -232,7 +247,7 @@ def check_branches(name, *, T, b, D, H, dtype, causal, padding, row_starts, seed
     qh, kh, vh, w_out, w_lse = random_inputs(seed, B=1, H=H, Hk=H, T=T, D=D, dtype=dtype)
     kv_mask = jnp.ones((1, T), bool).at[0, T - b // 2 :].set(False) if padding else None
     sel = random_selection(rng, B=1, Hk=H, G=1, n=T // b, K=8, b=b, causal=causal, row_starts=row_starts, p_valid=0.85)
-    fused, xla = _pool_pair(T=T, b=b, H=H, D=D, causal=causal, kv_mask=kv_mask, sel=sel)
+    fused, xla = pool_pair(b=b, p=b, moments=True, causal=causal, kv_mask=kv_mask, sel=sel, q_pos=jnp.arange(T))
     cfg = presets.get("rsa").selection
     q_est, kb = to_blocks(qh, b), to_blocks(kh, b)
     kmask_b = None if kv_mask is None else kv_mask.reshape(1, T // b, b)
@@ -244,12 +259,7 @@ def check_branches(name, *, T, b, D, H, dtype, causal, padding, row_starts, seed
         scores_x = jax.jit(lambda q, k: selection.sub_block_scores(
             ESTIMATORS.get("maxkey").fn, q, 4, k, kmask_b, jnp.ones((T // b, T // b), bool), cfg=cfg, rng=None,
             qids=jnp.arange(T // b)))(q_est, kb)
-    errs, tol, ok = compare(pool_f, pool_x, dtype)
-    # rows that see no summary (causal: the first) have lse LOG0 both ways; the error is over the others
-    lse_f, lse_x = pool_f[0][1][1], pool_x[0][1][1]
-    seen = lse_x > -1e29
-    errs["lse"] = relative_error(jnp.where(seen, lse_f, 0.0), jnp.where(seen, lse_x, 0.0))
-    ok = ok and errs["lse"] < tol and bool(jnp.all((lse_f > -1e29) == seen))
+    errs, tol, ok = compare_branch(pool_f, pool_x, dtype)  # causal first rows see no summary
     errs = {f"pool_{k}": e for k, e in errs.items()}
     real = scores_x > -1e29  # a block of padding only scores LOG0 both ways
     errs["maxkey_scores"] = relative_error(jnp.where(real, scores_f, 0.0), jnp.where(real, scores_x, 0.0))

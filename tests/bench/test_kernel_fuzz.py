@@ -27,7 +27,8 @@ def test_the_same_seed_draws_the_same_case_and_seeds_differ():
     for key, values in (("target", {"triton", "tpu"}), ("dtype", {"float32", "bfloat16"}),
                         ("padding", set(kernel_fuzz.PADDINGS)), ("causal", {True, False}), ("diagonal", {True, False}),
                         ("layout", {"BHTD", "BTHD"}), ("long_lists", {1, 2, 8}),
-                        ("extras_first", {True, False}), ("finish_walks_first", {True, False})):
+                        ("extras_first", {True, False}), ("finish_walks_first", {True, False}),
+                        ("pool_p", {0, 1}), ("pool_moments", {True, False})):
         assert {c[key] for c in cases} == values, key
     assert any(c["queries"] is None for c in cases) and any(c["queries"] for c in cases)
     c1, c2 = (kernel_fuzz.draw_case(s) for s in SEEDS)
@@ -42,7 +43,9 @@ def test_drawn_cases_agree_and_the_report_lists_them(tmp_path, capsys):
     report = json.loads(out.read_text())
     (case,) = report["cases"]
     assert report["failed"] == [] and case["ok"] and case["seed"] == SEEDS[0]
-    assert set(case["errors"]) == {"out", "lse", "dq", "dk", "dv"} and max(case["errors"].values()) < 1e-4
+    # a Triton case holds the fused pooled branch to the XLA one too
+    kinds = {"out", "lse", "dq", "dk", "dv"}
+    assert set(case["errors"]) == kinds | {f"pool_{k}" for k in kinds} and max(case["errors"].values()) < 1e-4
     assert "1 agree, 0 refused, 0 failed" in capsys.readouterr().out
 
 
@@ -81,3 +84,12 @@ def test_bad_seeds_are_refused_with_what_is_allowed(text, capsys):
         kernel_fuzz.main([f"--seeds={text}"])
     assert e.value.code == 2
     assert f"{text!r} is not allowed; allowed: N or A:B with A < B" in capsys.readouterr().err
+
+
+def test_a_planted_bug_in_the_fused_pooled_branch_fails_its_seed(monkeypatch, capsys):
+    from sparseformer.attention import pallas_pool
+
+    real = pallas_pool.pool_attention
+    monkeypatch.setattr(pallas_pool, "pool_attention", lambda *a, **k: tuple(x * 1.01 for x in real(*a, **k)))
+    assert kernel_fuzz.main([f"--seeds={SEEDS[0]}:{SEEDS[0] + 1}"]) == 1
+    assert f"FAILED seed {SEEDS[0]}" in capsys.readouterr().out
