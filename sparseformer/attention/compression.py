@@ -249,7 +249,9 @@ def pool(q, k, v, kv_mask, *, q_pos, causal, config, params, rng, sel, public: P
     logit so that one token stands for the block's keys. Exact when blocks are one token.
 
     With `public` (what `attend` passes), it reads the queries, keys and values from there, so its
-    backward pass keeps the caller's arrays and not the head-major copies `q`, `k`, `v`."""
+    backward pass keeps the caller's arrays and not the head-major copies `q`, `k`, `v`. With the
+    `pallas` exact kernel (`fused_pool`) the attention over the summaries runs as the fused kernels
+    of `pallas_pool` (the same outputs and gradients); otherwise in chunks of query rows."""
     p = pool_block_size(config)
     moments = config.compression.pool_moments
     public = Public.of(public, q, k, v)
