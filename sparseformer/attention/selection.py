@@ -272,11 +272,10 @@ def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return idx.astype(jnp.int32), vals > NEG_INF
 
 
-# Transient scores of one chunk of query blocks: at most this many per (batch, head), and at
-# most one key array's worth (`S x D`, so a short input's estimate stays well below the memory
-# of the attention around it). The estimators hold `rows_scored x S` scores per query block,
-# which would grow like `T x S / b` if all blocks were scored at once (1 GB at 64K tokens for
-# `maxkey`, 4 heads, float32).
+# Transient scores of one chunk of query blocks: at most this many per (batch, head). The
+# estimators hold `rows_scored x S` scores per query block, which would grow like `T x S / b` if
+# all blocks were scored at once (1 GB at 64K tokens for `maxkey`, 4 heads, float32). (With the
+# `pallas` kernel, `maxkey` and `lsekey` are a fused kernel that holds none: `pallas_estimate`.)
 ESTIMATE_CHUNK_ELEMENTS = 1 << 20
 # Query blocks chosen together (`_take_by_mass`, random draws): at most this many `[m]` score rows
 # of their anchors per (batch, head). The choice is a few dozen small ops: scoring and choosing
@@ -285,15 +284,13 @@ ESTIMATE_CHUNK_ELEMENTS = 1 << 20
 CHOICE_CHUNK_ELEMENTS = 1 << 20
 
 
-def estimate_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, kv_len: int, head_dim: int | None = None) -> int:
-    """Query blocks scored together: as many as keep one chunk's scores within budget
-    (`ESTIMATE_CHUNK_ELEMENTS`, and `kv_len x head_dim` when the head dim is given)."""
+def estimate_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, kv_len: int) -> int:
+    """Query blocks scored together: as many as keep one chunk's scores within budget."""
     extras = ESTIMATORS.get(cfg.estimator).extras if cfg.top_k else {}
     rows = min(cfg.block_size, extras.get("rows_scored", lambda c: 1)(cfg) * cfg.anchors)  # anchors: blocks of their own
     # scores one query block holds: `rows` rows of S (one of `m` for an estimator of block summaries)
     held = rows * (kv_len // cfg.block_size if extras.get("block_summaries") else kv_len)
-    budget = ESTIMATE_CHUNK_ELEMENTS if head_dim is None else min(ESTIMATE_CHUNK_ELEMENTS, kv_len * head_dim)
-    return max(1, min(num_query_blocks, budget // max(1, held)))
+    return max(1, min(num_query_blocks, ESTIMATE_CHUNK_ELEMENTS // max(1, held)))
 
 
 def choice_chunk(cfg: ml_collections.ConfigDict, num_query_blocks: int, num_key_blocks: int, causal: bool) -> int:
@@ -482,7 +479,7 @@ def choose_blocks(
             fused_estimate = fused_estimator(cfg.estimator, b, q_est.shape[-1])
         fn = functools.partial(
             _dynamic_slots, cfg=cfg, causal=causal, num_query_blocks=num_query_blocks, group=group,
-            est_chunk=estimate_chunk(cfg, chunk, m * b, q_est.shape[-1]), fused=bool(fused_estimate and cfg.top_k),
+            est_chunk=estimate_chunk(cfg, chunk, m * b), fused=bool(fused_estimate and cfg.top_k),
         )
         idx_d, valid_d, start_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
         idx = jnp.concatenate([idx, idx_d], axis=-1)

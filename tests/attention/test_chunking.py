@@ -54,17 +54,14 @@ def test_chunking_bounds_the_choice_estimate():
     c = presets.get("rsa").selection
     assert selection.estimate_chunk(c, 1024, 65536) * 65536 <= selection.ESTIMATE_CHUNK_ELEMENTS
     assert selection.estimate_chunk(c, 8, 128) == 8  # short inputs: one chunk, no loop
-    # a short input's scores stay within one key array (S x D): 4 anchors x 4096 keys x 16 blocks
-    assert selection.estimate_chunk(c, 64, 4096) == 64
-    assert selection.estimate_chunk(c, 64, 4096, 64) == 16
     c.estimator = "oracle"
     assert selection.estimate_chunk(c, 1024, 65536) == 1  # 64 rows of 64K scores already exceed the budget
     # pooled holds one score a key block (m = 1024), not a key: 64K tokens in one chunk, no loop
     c = presets.get("nsa").selection
     assert c.estimator == "pooled" and c.anchors == 1
-    assert selection.estimate_chunk(c, 1024, 65536, 64) == 1024
+    assert selection.estimate_chunk(c, 1024, 65536) == 1024
     c.anchors = 4
-    assert selection.estimate_chunk(c, 1024, 65536, 64) == 256
+    assert selection.estimate_chunk(c, 1024, 65536) == 256
 
 
 def test_choice_chunks_are_b_times_larger_than_estimate_chunks():
@@ -73,7 +70,7 @@ def test_choice_chunks_are_b_times_larger_than_estimate_chunks():
     c = presets.get("rsa").selection
     assert selection.choice_chunk(c, 1024, 1024, causal=False) == 1024
     assert selection.choice_chunk(c, 1024, 1024, causal=True) == 256
-    assert selection.estimate_chunk(c, 1024, 65536, 64) == 4
+    assert selection.estimate_chunk(c, 1024, 65536) == 4
     assert selection.choice_chunk(c, 64, 64, causal=True) == 64  # short inputs: one chunk
 
 
