@@ -381,7 +381,7 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     key = jnp.where(valid, idx * n + qblock, m * n).reshape(B, Hk, nk)  # sorted by block, then query
     order = jnp.argsort(key, axis=-1, stable=True)
     sorted_key = jnp.take_along_axis(key, order, -1)
-    bounds = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m + 1) * n, method="compare_all")))(sorted_key)  # [B, Hk, m+1]
+    bounds = jax.vmap(jax.vmap(lambda s: _searchsorted(s, jnp.arange(m + 1) * n)))(sorted_key)  # [B, Hk, m+1]
     start, end = bounds[..., :-1], bounds[..., 1:]
     piece = piece_length(plan, end - start)[..., None]  # [B, Hk, 1]
     # block j's first piece: program first_program + j; its further pieces: programs extra_program +
@@ -394,7 +394,7 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     extra_before = jnp.cumsum(extra, -1) - extra
     p = jnp.arange(plan.extra_pieces)
     # owner block of extra piece p: the last block whose extras start at or before p
-    owner = jax.vmap(jax.vmap(lambda eb, ex: jnp.searchsorted(eb + ex, p, side="right", method="compare_all")))(extra_before, extra)
+    owner = jax.vmap(jax.vmap(lambda eb, ex: _searchsorted(eb + ex, p, side="right")))(extra_before, extra)
     owner_c = jnp.minimum(owner, m - 1)
     rank = p - jnp.take_along_axis(extra_before, owner_c, -1)  # 0-based rank among the owner's extras
     e_start = jnp.take_along_axis(start, owner_c, -1) + (rank + skip) * piece
@@ -412,6 +412,13 @@ def inverted_lists(plan: Plan, idx, valid, row_start):
     entries = jnp.concatenate(parts, -1)
     width = _next_pow2(entries.shape[-1])
     return pieces, jnp.pad(entries, ((0, 0), (0, 0), (0, width - entries.shape[-1])))
+
+
+def _searchsorted(a, v, side: str = "left"):
+    """`jnp.searchsorted` comparing every `v` with every `a` at once: one fused reduction on a GPU,
+    where the default binary search is a loop of ~log2(len(a)) dependent trips, a few kernel
+    launches each (`benchmarks/gpu_aot.py`); the lists here are short enough for the comparisons."""
+    return jnp.searchsorted(a, v, side=side, method="compare_all")
 
 
 def _further_pieces(lengths, piece, finish_walks_first: bool):
@@ -464,8 +471,8 @@ def piece_owners(plan: Plan, pieces):
     owner = extras[..., 0]
     used = extras[..., 2] > extras[..., 1]
     key = jnp.where(used, owner, m)
-    lo = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m), side="left", method="compare_all")))(key)
-    hi = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(m), side="right", method="compare_all")))(key)
+    lo = jax.vmap(jax.vmap(lambda s: _searchsorted(s, jnp.arange(m), side="left")))(key)
+    hi = jax.vmap(jax.vmap(lambda s: _searchsorted(s, jnp.arange(m), side="right")))(key)
     return jnp.stack([lo, hi], -1).astype(jnp.int32)
 
 

@@ -198,6 +198,8 @@ def _specs(plan: PoolPlan, T: int, D: int, Dv: int, nc_pad: int, n: int, W: int,
 
 
 def _rows_spec(plan: PoolPlan, width: int | None, whole: int | None = None):
+    """Spec of a head-major `[B, H, T(, width)]` array (out, d_out, lse, delta): the program's query
+    block, or all `whole` rows of its head."""
     R = whole or plan.rows
     index = (lambda i, bb, h: (bb, h, 0, 0)) if whole else (lambda i, bb, h: (bb, h, i, 0))
     if width is None:
@@ -207,6 +209,8 @@ def _rows_spec(plan: PoolPlan, width: int | None, whole: int | None = None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(plan: PoolPlan, q, q_pos, k_mean, aux, v_mean, meta):
+    """(out, lse) of the queries `q [B, T, H, D]` over the tile-padded summaries (`aux [B, H, 4, nc]`:
+    variance, log count, count, 0), the selection's slots `meta [B, H, n, W]` left out."""
     return _attention_fwd(plan, q, q_pos, k_mean, aux, v_mean, meta)[0]
 
 

@@ -321,6 +321,9 @@ def test_forward_backward_lowers_for_the_gpu(block, head_dim, kv_heads, options)
     assert text.count("__gpu$xla.gpu.triton") == 8
     for name in ("maxkey_scores", "pool_fwd", "pool_dq", "pool_dsum"):
         assert text.count(f'name = "sparseformer_{name}"') == 1, name
+    # and no loop: on a GPU each trip of one launches its kernels again (the estimate's and the pooled
+    # branch's chunks, the inverted lists' binary searches were loops: benchmarks/gpu_aot.py)
+    assert "stablehlo.while" not in text
     # the gradients are written once, in bfloat16 (dk and dv finished in place): never whole in float32
     calls = {re.search(r'name = "(sparseformer_[a-z_]+)"', line).group(1): line
              for line in text.splitlines() if "__gpu$xla.gpu.triton" in line}
