@@ -30,31 +30,32 @@ def test_passes_on_gqa_causal_padding_row_starts_and_writes_its_report(tmp_path,
     assert max(branches["errors"].values()) < 1e-4
 
 
-def test_a_fused_pooled_branch_that_disagrees_fails(monkeypatch, capsys):
-    from sparseformer.attention import pallas_pool
+SMALL = ["--length=64", "--block-size=16", "--head-dim=16", "--heads=2"]
 
-    real = pallas_pool.pool_attention
 
-    def off_by_a_little(*args, **kwargs):
+def _one_percent_off(real):
+    """`real` (returning `(out, lse)`) with its output 1% off."""
+
+    def off(*args, **kwargs):
         out, lse = real(*args, **kwargs)
         return out * 1.01, lse
 
-    monkeypatch.setattr(pallas_pool, "pool_attention", off_by_a_little)
-    assert kernel_check.kernel_check_main(["--length=64", "--block-size=16", "--head-dim=16", "--heads=2"]) == 1
+    return off
+
+
+def test_a_fused_pooled_branch_that_disagrees_fails(monkeypatch, capsys):
+    from sparseformer.attention import pallas_pool
+
+    monkeypatch.setattr(pallas_pool, "pool_attention", _one_percent_off(pallas_pool.pool_attention))
+    assert kernel_check.kernel_check_main(SMALL) == 1
     captured = capsys.readouterr()
     assert "ok     float32 bidir T64" in captured.out  # the exact kernel still agrees
     assert "FAILED pool and estimate: float32 bidir T64" in captured.out and "(pool_out" in captured.out
 
 
 def test_a_kernel_that_disagrees_or_breaks_fails_with_what_to_do(monkeypatch, capsys):
-    real = kernel_check.fused_block_attention
-
-    def off_by_a_little(*args, **kwargs):
-        out, lse = real(*args, **kwargs)
-        return out * 1.01, lse
-
-    monkeypatch.setattr(kernel_check, "fused_block_attention", off_by_a_little)
-    assert kernel_check.kernel_check_main(["--length=64", "--block-size=16", "--head-dim=16", "--heads=2"]) == 1
+    monkeypatch.setattr(kernel_check, "fused_block_attention", _one_percent_off(kernel_check.fused_block_attention))
+    assert kernel_check.kernel_check_main(SMALL) == 1
     captured = capsys.readouterr()
     assert "FAILED float32 bidir T64" in captured.out and "largest relative error 1.0e-02 (out" in captured.out
     assert "model.attention.selection.kernel=scan" in captured.err
@@ -63,7 +64,7 @@ def test_a_kernel_that_disagrees_or_breaks_fails_with_what_to_do(monkeypatch, ca
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setattr(kernel_check, "fused_block_attention", broken)
-    assert kernel_check.kernel_check_main(["--length=64", "--block-size=16", "--head-dim=16", "--heads=2"]) == 1
+    assert kernel_check.kernel_check_main(SMALL) == 1
     assert "FAILED float32 bidir T64 b16 d16 2/2 heads: RuntimeError: no kernel for you" in capsys.readouterr().out
 
 
