@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what benchmarks/gpu_aot.py needs to compile for a GPU on a machine without one: JAX's CUDA
 # plugin at the installed jax's version, ptxas (nvidia-cuda-nvcc) and cuDNN (the dense baseline's
-# fused attention), into .gpu-aot/ (about 2.5 GB, git-ignored; the project's venv is untouched).
+# fused attention), into .gpu-aot/ (about 1.7 GB, git-ignored; the project's venv is untouched).
 #   benchmarks/gpu_aot_deps.sh [PYTHON]     (default: .venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
