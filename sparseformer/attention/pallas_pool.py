@@ -90,6 +90,15 @@ def _tile(plan: PoolPlan, t, q, pos, row_off, k_ref, aux_ref, meta):
     return s, ok
 
 
+def _tiles_seen(plan: PoolPlan, pos_ref):
+    """Summary tiles a query block walks: all, or (causal) those up to the last one holding a
+    summary its last row may see (positions ascending): a causal block skips its future's tiles."""
+    if not plan.causal:
+        return plan.num_tiles
+    seen = (pos_ref[plan.rows - 1] + 1) // plan.p  # summaries whose keys all precede the last row
+    return jnp.minimum(plan.num_tiles, (seen + plan.tile - 1) // plan.tile)
+
+
 def _fwd_kernel(q_ref, pos_ref, k_ref, v_ref, aux_ref, *refs, plan: PoolPlan):
     meta_ref = refs[0] if plan.slots else None
     o_ref, lse_ref = refs[-2:]
@@ -111,7 +120,7 @@ def _fwd_kernel(q_ref, pos_ref, k_ref, v_ref, aux_ref, *refs, plan: PoolPlan):
 
     R, D = q.shape
     init = (jnp.zeros((R, v_ref.shape[-1]), jnp.float32), jnp.full((R,), LOG0, jnp.float32), jnp.zeros((R,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, plan.num_tiles, body, init)
+    acc, m, l = lax.fori_loop(0, _tiles_seen(plan, pos_ref), body, init)
     has = l > 0
     safe = jnp.where(has, l, 1.0)
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -136,7 +145,7 @@ def _dq_kernel(q_ref, pos_ref, k_ref, v_ref, aux_ref, *refs, plan: PoolPlan):
             dq = dq + jnp.sum(ds * aux_ref[0, cols][None, :], axis=1)[:, None] * q
         return dq
 
-    dq = lax.fori_loop(0, plan.num_tiles, body, jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(0, _tiles_seen(plan, pos_ref), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)  # d/dq of (scale * q)
 
 
@@ -153,7 +162,7 @@ def _dsum_kernel(q_ref, pos_ref, k_ref, v_ref, aux_ref, *refs, plan: PoolPlan, n
     row_off = lax.broadcasted_iota(jnp.int32, (R, 1), 0)
     v = v_ref[pl.ds(t * C, C), :].astype(jnp.float32)
 
-    def body(i, carry):
+    def walk(i, carry):
         dk, dv, dvar = carry
         rows = pl.ds(i * R, R)
         q = _scaled(plan, q_ref[rows, :])
@@ -167,6 +176,14 @@ def _dsum_kernel(q_ref, pos_ref, k_ref, v_ref, aux_ref, *refs, plan: PoolPlan, n
         if plan.moments:
             dvar = dvar + jnp.sum(ds * (0.5 * jnp.sum(q * q, axis=1))[:, None], axis=0)
         return dk, dv, dvar
+
+    if plan.causal:  # a query block whose last row precedes the tile's first summary adds nothing
+        first_seen = (t * C + 1) * plan.p - 1
+
+        def body(i, carry):
+            return lax.cond(pos_ref[i * R + R - 1] >= first_seen, walk, lambda i, carry: carry, i, carry)
+    else:
+        body = walk
 
     zeros = jnp.zeros((C, q_ref.shape[-1]), jnp.float32)
     dk, dv, dvar = lax.fori_loop(lo, hi, body, (zeros, zeros, jnp.zeros((C,), jnp.float32)))
