@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer.attention import pallas_kernel
-from sparseformer.attention.kernel_check import BRANCH_CASES, CHECK_CASES, check, check_branches, scan_block_attention
+from sparseformer.attention.kernel_check import BRANCH_CASES, CHECK_CASES, run_checks, scan_block_attention
 from sparseformer.attention.selection import Selection
 
 
@@ -280,11 +280,7 @@ def main(out_dir: str) -> int:
     os.makedirs(out_dir, exist_ok=True)
     report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "checks": [], "speed": []}
     ok = True
-    for fn, c in [(check, c) for c in CHECK_CASES] + [(check_branches, c) for c in BRANCH_CASES]:
-        try:
-            r = fn(**c)
-        except Exception as e:  # noqa: BLE001
-            r = {"name": c["name"], "ok": False, "error": f"{type(e).__name__}: {e}"}
+    for r in run_checks(CHECK_CASES, BRANCH_CASES):
         ok &= r["ok"]
         report["checks"].append(r)
         print(json.dumps(r), flush=True)

@@ -226,14 +226,20 @@ def pool_pair(*, b: int, p: int, moments: bool, causal: bool, kv_mask, sel, q_po
     return branch(True), branch(False)
 
 
+def _error_where_finite(got: jax.Array, want: jax.Array) -> tuple[float, bool]:
+    """Relative error over the entries `want` does not hold at LOG0 (a row that sees nothing, a
+    block of padding only), and whether `got` holds LOG0 at exactly the same entries."""
+    real = want > -1e29
+    err = relative_error(jnp.where(real, got, 0.0), jnp.where(real, want, 0.0))
+    return err, bool(jnp.all((got > -1e29) == real))
+
+
 def compare_branch(fused: tuple, reference: tuple, dtype) -> tuple[dict, float, bool]:
     """`compare` for a branch whose rows may see nothing (lse LOG0: causal first rows, padding):
     the lse error over the rows that see something, and the same rows seeing nothing both ways."""
     errs, tol, ok = compare(fused, reference, dtype)
-    lse_f, lse_r = fused[0][1][1], reference[0][1][1]
-    seen = lse_r > -1e29
-    errs["lse"] = relative_error(jnp.where(seen, lse_f, 0.0), jnp.where(seen, lse_r, 0.0))
-    return errs, tol, ok and errs["lse"] < tol and bool(jnp.all((lse_f > -1e29) == seen))
+    errs["lse"], same = _error_where_finite(fused[0][1][1], reference[0][1][1])
+    return errs, tol, ok and errs["lse"] < tol and same
 
 
 def check_branches(name, *, T, b, D, H, dtype, causal, padding, row_starts, seed=0, precision=None):
@@ -261,9 +267,8 @@ def check_branches(name, *, T, b, D, H, dtype, causal, padding, row_starts, seed
             qids=jnp.arange(T // b)))(q_est, kb)
     errs, tol, ok = compare_branch(pool_f, pool_x, dtype)  # causal first rows see no summary
     errs = {f"pool_{k}": e for k, e in errs.items()}
-    real = scores_x > -1e29  # a block of padding only scores LOG0 both ways
-    errs["maxkey_scores"] = relative_error(jnp.where(real, scores_f, 0.0), jnp.where(real, scores_x, 0.0))
-    scores_ok = bool(jnp.all((scores_f > -1e29) == real)) and errs["maxkey_scores"] < tol
+    errs["maxkey_scores"], same = _error_where_finite(scores_f, scores_x)  # a block of padding only: LOG0
+    scores_ok = same and errs["maxkey_scores"] < tol
     deterministic = all(bool(jnp.array_equal(a, c)) for a, c in zip(pool_f[1], d_f2))
     return {"name": f"pool and estimate: {name}", "T": T, "block": b, "head_dim": D, "heads": H,
             "dtype": jnp.dtype(dtype).name, "precision": precision or "default", "causal": causal,
@@ -323,6 +328,16 @@ def case_from_args(a: argparse.Namespace) -> dict:
                 precision="highest" if dtype == jnp.float32 else None)  # float32 runs TF32 by default on a GPU
 
 
+def run_checks(cases: list[dict], branch_cases: list[dict]):
+    """Yield each case's result: the exact kernel's `check` of `cases`, then `check_branches` of
+    `branch_cases`; a check that raises (a kernel that fails to compile) is a failed one."""
+    for fn, case in [(check, c) for c in cases] + [(check_branches, c) for c in branch_cases]:
+        try:
+            yield fn(**case)
+        except Exception as e:  # noqa: BLE001 (a kernel that fails to compile is a failed check)
+            yield {"name": case["name"], "ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
 def _branch_case(case: dict) -> dict:
     """The pooled branch and estimate's check at a command-line case's shapes (its heads all query
     heads: the branch's summaries are repeated to them)."""
@@ -344,12 +359,7 @@ def kernel_check_main(argv: list[str]) -> int:
     print(f"the fused kernel against the scan kernel on {where}"
           + (": interpreted (Pallas interpret mode), slow" if interpreted else ""), flush=True)
     results = []
-    runs = [(check, case) for case in cases] + [(check_branches, case) for case in branch_cases]
-    for fn, case in runs:
-        try:
-            r = fn(**case)
-        except Exception as e:  # noqa: BLE001 (a kernel that fails to compile is a failed check)
-            r = {"name": case["name"], "ok": False, "error": f"{type(e).__name__}: {e}"}
+    for r in run_checks(cases, branch_cases):
         results.append(r)
         if "error" in r:
             print(f"  FAILED {r['name']}: {r['error']}", flush=True)

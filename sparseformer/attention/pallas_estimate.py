@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from sparseformer.attention.dense import LOG0
-from sparseformer.attention.pallas_kernel import _dot_t, kernel_target, unsupported_reason
+from sparseformer.attention.pallas_kernel import _dot_t, _next_pow2, fixed_params, kernel_target, unsupported_reason
 
 REDUCTIONS = {"maxkey": "max", "lsekey": "lse"}
 """Estimators this kernel computes, and how each reduces a key block's scores."""
@@ -64,7 +64,7 @@ def block_scores(estimator: str, q_mean: jax.Array, k: jax.Array, kmask: jax.Arr
     B, H, N, D = q_mean.shape
     S = k.shape[2]
     m = S // block
-    rows = min(ROWS, max(16, 1 << max(0, N - 1).bit_length()))  # a power of two, >= 16 for the matmul
+    rows = min(ROWS, max(16, _next_pow2(N)))  # a power of two, >= 16 for the matmul
     n_pad = -(-N // rows) * rows
     q_p = jnp.pad(q_mean, ((0, 0), (0, 0), (0, n_pad - N), (0, 0))) if n_pad > N else q_mean
     _, interpret = kernel_target()
@@ -74,11 +74,6 @@ def block_scores(estimator: str, q_mean: jax.Array, k: jax.Array, kmask: jax.Arr
     if kmask is not None:
         in_specs.append(pl.BlockSpec((None, S), lambda i, bb, h: (bb, 0)))
         args.append(kmask.astype(jnp.int32))
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pl_triton
-
-        params = pl_triton.CompilerParams(num_warps=4, num_stages=2)
     out = pl.pallas_call(
         functools.partial(_kernel, block=block, num_key_blocks=m, reduction=REDUCTIONS[estimator],
                           has_mask=kmask is not None),
@@ -87,7 +82,7 @@ def block_scores(estimator: str, q_mean: jax.Array, k: jax.Array, kmask: jax.Arr
         out_specs=pl.BlockSpec((None, None, m, rows), lambda i, bb, h: (bb, h, 0, i)),
         out_shape=jax.ShapeDtypeStruct((B, H, m, n_pad), jnp.float32),
         interpret=interpret,
-        compiler_params=params,
+        compiler_params=fixed_params(interpret),
         name=f"sparseformer_{estimator}_scores",
     )(*args)
     return jnp.swapaxes(out[..., :N], 2, 3)

@@ -166,6 +166,16 @@ def _compiled_gpu() -> bool:
     return kernel_target() == ("triton", False)
 
 
+def fixed_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
+    """Triton launch options of a kernel with one fixed launch (the fused estimate and pooled
+    branch: not in the launch sweep); None when interpreted."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pl_triton
+
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 

@@ -26,7 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from sparseformer.attention.dense import LOG0, softmax_delta
-from sparseformer.attention.pallas_kernel import _dot, _dot_t, _next_pow2, _t_dot, kernel_target, unsupported_reason
+from sparseformer.attention.pallas_kernel import (_dot, _dot_t, _next_pow2, _t_dot, fixed_params, kernel_target,
+                                                  unsupported_reason)
 
 SUMMARY_TILE = 64
 """Summary tokens a program holds at once (fewer when the call has fewer)."""
@@ -55,14 +56,6 @@ def usable(num_rows: int, head_dim: int, block: int) -> bool:
     blocks of `block` rows tiling the queries, and tiles a Triton matmul takes."""
     family, _ = kernel_target()
     return family == "triton" and num_rows % block == 0 and unsupported_reason(block, head_dim) is None
-
-
-def _params(plan: PoolPlan):
-    if plan.interpret:
-        return None
-    from jax.experimental.pallas import triton as pl_triton
-
-    return pl_triton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _scaled(plan: PoolPlan, q):
@@ -247,7 +240,7 @@ def _attention_fwd(plan: PoolPlan, q, q_pos, k_mean, aux, v_mean, meta):
         out_specs=[_rows_spec(plan, Dv), _rows_spec(plan, None)],
         out_shape=[jax.ShapeDtypeStruct((B, H, T, Dv), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
         interpret=plan.interpret,
-        compiler_params=_params(plan),
+        compiler_params=fixed_params(plan.interpret),
         name="sparseformer_pool_fwd",
     )(*_args(plan, q, q_pos, k_mean, v_mean, aux, meta))
     return (out, lse), (q, q_pos, k_mean, aux, v_mean, meta, out, lse)
@@ -270,7 +263,7 @@ def _attention_bwd(plan: PoolPlan, res, cts):
         out_specs=pl.BlockSpec((None, plan.rows, None, D), lambda i, bb, h: (bb, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=plan.interpret,
-        compiler_params=_params(plan),
+        compiler_params=fixed_params(plan.interpret),
         name="sparseformer_pool_dq",
     )(*args)
     P, C = plan.pieces, plan.tile
@@ -287,7 +280,7 @@ def _attention_bwd(plan: PoolPlan, res, cts):
                    jax.ShapeDtypeStruct((P, B, H, nc_pad, Dv), jnp.float32),
                    jax.ShapeDtypeStruct((P, B, H, nc_pad), jnp.float32)],
         interpret=plan.interpret,
-        compiler_params=_params(plan),
+        compiler_params=fixed_params(plan.interpret),
         name="sparseformer_pool_dsum",
     )(*args)
     dk, dv, dvar = (jnp.sum(x, axis=0) for x in (dk, dv, dvar))  # the pieces in order

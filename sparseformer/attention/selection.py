@@ -473,13 +473,14 @@ def choose_blocks(
     valid = jnp.broadcast_to(valid0, (B, H // group) + valid0.shape)
     if cfg.random_blocks or cfg.top_k:
         chunk = choice_chunk(cfg, n, m, causal)
+        fused = False  # the estimate fused: asked for, something to score, an estimator the kernel computes
         if fused_estimate and cfg.top_k:
             from sparseformer.attention.pallas_estimate import fused_estimator
 
-            fused_estimate = fused_estimator(cfg.estimator, b, q_est.shape[-1])
+            fused = fused_estimator(cfg.estimator, b, q_est.shape[-1])
         fn = functools.partial(
             _dynamic_slots, cfg=cfg, causal=causal, num_query_blocks=num_query_blocks, group=group,
-            est_chunk=estimate_chunk(cfg, chunk, m * b), fused=bool(fused_estimate and cfg.top_k),
+            est_chunk=estimate_chunk(cfg, chunk, m * b), fused=fused,
         )
         idx_d, valid_d, start_d = map_chunks(fn, chunk, n, (q_est, qids, idx0, valid0), (2, 0, 0, 0), (kb, kmask_b, rng))
         idx = jnp.concatenate([idx, idx_d], axis=-1)

@@ -34,6 +34,25 @@ def run(config, q, k, v, *, causal=False, kv_mask=None, rng=None, query_block=No
     return f(q, k, v, kv_mask, rng, params)
 
 
+def loss_by_kernel(config, q, k, v, *, causal=False, kv_mask=None, kernels=("pallas", "scan")):
+    """For each exact kernel: the jaxpr text of one loss through `attend` (`sum(out * arange(D))`
+    plus the regulariser), its output and its (q, k, v) gradients, from the same parameters and rng,
+    so kernels (and what they fuse) are held to each other."""
+    params = init_params(config, jax.random.key(7), num_heads=q.shape[2], head_dim=q.shape[3], max_len=k.shape[1])
+    results = {}
+    for kernel in kernels:
+        config.selection.kernel = kernel
+
+        def loss(q, k, v):
+            out, aux = attend(q, k, v, config, params=params, causal=causal, kv_mask=kv_mask, rng=jax.random.key(4))
+            return jnp.sum(out * jnp.arange(q.shape[-1])) + aux["aux_loss"], out
+
+        jaxpr = str(jax.make_jaxpr(loss)(q, k, v))
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        results[kernel] = jaxpr, out, grads
+    return results
+
+
 def reference(q, k, v, *, causal=False, kv_mask=None):
     """`jax.nn.dot_product_attention`, with fully masked rows set to zero (its convention differs)."""
     mask = None if kv_mask is None else kv_mask[:, None, None, :]

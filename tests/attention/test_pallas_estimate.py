@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparseformer.attention import attend, init_params, pallas_estimate, pallas_kernel, presets, selection
+from sparseformer.attention import pallas_estimate, pallas_kernel, presets, selection
 from sparseformer.attention.registry import ESTIMATORS
-from tests.attention.helpers import random_qkv, rel_error
+from tests.attention.helpers import loss_by_kernel, random_qkv, rel_error
 
 
 @pytest.mark.parametrize("estimator", ["maxkey", "lsekey"])
@@ -59,20 +59,11 @@ def test_attend_takes_the_fused_estimate_with_the_pallas_kernel():
     q, k, v = random_qkv(jax.random.key(0), T=128, H=2)
     c = presets.get("rsa")
     c.selection.update(block_size=16, top_k=3)
-    params = init_params(c, jax.random.key(1), num_heads=2, head_dim=q.shape[-1], max_len=128)
-    outs, grads = {}, {}
-    for kernel in ("pallas", "scan"):
-        c.selection.kernel = kernel
-
-        def loss(q, k, v):
-            out, aux = attend(q, k, v, c, params=params, causal=True, rng=jax.random.key(2))
-            return jnp.sum(out * jnp.arange(q.shape[-1])) + aux["aux_loss"], out
-
-        jaxpr = str(jax.make_jaxpr(loss)(q, k, v))
+    res = loss_by_kernel(c, q, k, v, causal=True)
+    for kernel, (jaxpr, _, _) in res.items():
         assert ("sparseformer_maxkey_scores" in jaxpr) == (kernel == "pallas")
-        (_, outs[kernel]), grads[kernel] = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    assert rel_error(outs["pallas"], outs["scan"]) < 1e-5
-    for a, b in zip(grads["pallas"], grads["scan"]):
+    assert rel_error(res["pallas"][1], res["scan"][1]) < 1e-5
+    for a, b in zip(res["pallas"][2], res["scan"][2]):
         assert rel_error(a, b) < 1e-4
 
 
